@@ -1,0 +1,1 @@
+"""ConVIRT in JAX/Flax."""

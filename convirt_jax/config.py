@@ -1,0 +1,103 @@
+"""The configuration every job starts from, and the checks run on it before anything compiles.
+
+`configs/*.py` call `base_config()` and change what their setting needs. Every key a module reads is
+declared here, so a typo in `--config.x.y=z` is an error from ml_collections rather than a silent no-op.
+"""
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image = ml_collections.ConfigDict()
+  c.model.image.depth = 50            # 18 | 34 | 50 | 101
+  c.model.image.width = 1.0           # multiplier on torchvision's 64 base channels
+  c.model.image.small_stem = False    # 3x3 stride-1 stem, no max-pool: for tiny images/models only
+  c.model.image.init_from = ""        # torchvision .pth/.pt/.safetensors file, "torchvision" (download), ""
+  c.model.text = ml_collections.ConfigDict()
+  c.model.text.init_from = "emilyalsentzer/Bio_ClinicalBERT"  # HF directory or Hub name; "" = random init
+  # Used when init_from is "": an HF BertConfig as a dict (hidden_size, num_hidden_layers, ...).
+  c.model.text.config = ml_collections.ConfigDict()
+  c.model.text.tokenizer = ""         # directory with vocab.txt/tokenizer.json; "" = same as init_from
+  c.model.text.frozen_layers = 6      # embeddings + this many first layers get no update; -1 = none frozen
+  c.model.text.pooling = "max"        # "max" (paper) | "mean" | "cls"
+  c.model.text.max_length = 128
+  c.model.projection_dim = 512
+  c.model.projection_hidden = 512
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.1
+  c.loss.image_weight = 0.75          # lambda: weight of the image->text direction
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"           # "synthetic" | "mimic_cxr" | "csv"
+  c.data.dir = ""                     # MIMIC-CXR-JPG root (manual download)
+  c.data.csv = ""                     # CSV of pairs: image,text[,split][,group][,labels...]
+  c.data.label_columns = ()           # CSV label columns
+  c.data.tfds_dir = ""                # where built TFDS datasets live; "" = <workdir>/tfds
+  c.data.image_size = 224             # model input size
+  c.data.stored_size = 256            # shorter side images are stored at
+  c.data.frontal_only = True          # MIMIC: PA/AP views only
+  c.data.strict = False               # stop on the first bad record instead of skipping it
+  c.data.whole_report = False         # True: the whole findings+impression instead of one random sentence
+  c.data.min_sentence_tokens = 3
+  c.data.num_threads = 2              # grain read/map threads per process
+  c.data.worker_count = 0             # grain worker processes (0 = in-process threads)
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_validation = 200
+  c.data.synthetic.num_test = 400
+  c.data.synthetic.retrieval_per_category = 40
+  c.data.synthetic.seed = 0
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_scale = (0.6, 1.0)
+  c.augment.flip_prob = 0.5
+  c.augment.rotation = 20.0           # degrees, +-
+  c.augment.translation = 0.1         # fraction of the size, +-
+  c.augment.scale = (0.95, 1.05)
+  c.augment.brightness = (0.6, 1.4)
+  c.augment.contrast = (0.6, 1.4)
+  c.augment.blur_sigma = (0.1, 3.0)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32             # global, over every device of every process
+  c.train.steps = 0                   # 0 = derive from epochs
+  c.train.epochs = 100
+  c.train.seed = 0
+  c.train.precision = "float32"       # "float32" | "bfloat16" (activations; params and loss stay f32)
+  c.train.log_every_steps = 10
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4
+  c.optimizer.weight_decay = 1e-6     # PyTorch Adam semantics: L2 added to the gradient
+  c.optimizer.schedule = "constant"   # "constant" | "cosine" (warm-up + cosine) | "plateau" (on val loss)
+  c.optimizer.warmup_steps = 0
+  c.optimizer.plateau_factor = 0.5
+  c.optimizer.plateau_patience = 5    # evaluations without improvement
+  c.optimizer.grad_clip_norm = 0.0    # 0 = no clipping
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_best_metric = "val/loss"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 1000           # validation loss
+  c.eval.batch_size = 64
+  c.eval.random_init_baseline = True  # also evaluate a randomly initialised encoder
+  c.eval.linear_probe = ml_collections.ConfigDict()
+  c.eval.linear_probe.fractions = (0.01, 0.1, 1.0)
+  c.eval.linear_probe.seeds = (0, 1, 2)
+  c.eval.retrieval = ml_collections.ConfigDict()
+  c.eval.retrieval.k = (5, 10, 50)
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "" = auto-detect (Cloud TPU, SLURM) or single process
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c

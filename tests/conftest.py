@@ -1,0 +1,11 @@
+"""Every test process sees 8 simulated CPU devices, so data-parallel code is tested as it runs on a pod.
+
+XLA reads the flag once, when jax is first imported: it must be set here, before any test imports jax.
+Single-device references simply run on the default (first) device.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
