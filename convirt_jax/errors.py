@@ -1,0 +1,25 @@
+"""Errors that are the user's to fix (config, data, checkpoints, a diverged run).
+
+The main job prints their message without a traceback; each message names the key, record or file.
+"""
+
+
+class UserError(Exception):
+  """Base class: something in the user's config, data or workdir, not a bug in convirt_jax."""
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration that cannot run."""
+
+
+class DataError(UserError, ValueError):
+  """Missing or malformed data: a file, a column, a record."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that is missing or does not fit the configured model."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+  """The loss became NaN or inf; the last good checkpoint is kept."""
+

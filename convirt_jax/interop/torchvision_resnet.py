@@ -1,0 +1,241 @@
+"""torchvision ResNet state dicts <-> `convirt_jax.models.resnet.ResNet` variables, both directions.
+
+Keys map by name (`layer1_0/downsample_conv/kernel` <-> `layer1.0.downsample.0.weight`); conv kernels
+change layout OIHW <-> HWIO; BatchNorm `scale`/`bias`/`mean`/`var` are torch's `weight`/`bias`/
+`running_mean`/`running_var`. Loading checks the checkpoint against the key and shape set of the Flax
+model itself (from `jax.eval_shape` of its init), so a checkpoint of another architecture is refused
+rather than partly loaded. torch is imported only where a torch file or tensor is involved.
+"""
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convirt_jax.errors import CheckpointError, ConfigError
+from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet
+
+Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+
+_COLLECTIONS = ("params", "batch_stats")
+# (collection, Flax leaf name) -> torch parameter/buffer name
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_TORCH_SUFFIXES = (".pt", ".pth")
+_SAFETENSORS_SUFFIX = ".safetensors"
+_MAX_KEYS_IN_ERROR = 8
+
+
+def _torch_module_name(flax_module_path: tuple[str, ...]) -> str:
+  parts = []
+  for name in flax_module_path:
+    block = re.fullmatch(r"(layer\d+)_(\d+)", name)
+    if block:
+      parts += [block[1], block[2]]
+    elif name == "downsample_conv":
+      parts += ["downsample", "0"]
+    elif name == "downsample_bn":
+      parts += ["downsample", "1"]
+    else:
+      parts.append(name)
+  return ".".join(parts)
+
+
+def _is_conv_kernel(flax_path: tuple[str, ...]) -> bool:
+  return flax_path[-1] == "kernel"
+
+
+def _to_torch_layout(flax_path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+  return np.transpose(array, (3, 2, 0, 1)) if _is_conv_kernel(flax_path) else array
+
+
+def _to_flax_layout(flax_path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+  return np.transpose(array, (2, 3, 1, 0)) if _is_conv_kernel(flax_path) else array
+
+
+def _torch_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(shape[i] for i in (3, 2, 0, 1)) if _is_conv_kernel(flax_path) else tuple(shape)
+
+
+def _torch_entries(variables: Variables) -> Iterator[tuple[str, str, tuple[str, ...], Any]]:
+  """Yields (torch key, collection, Flax path inside the collection, leaf) for every leaf."""
+  for collection in _COLLECTIONS:
+    if collection not in variables:
+      raise ValueError(f"ResNet variables need a {collection!r} collection, got {sorted(variables)}")
+    for path, leaf in flax.traverse_util.flatten_dict(variables[collection]).items():
+      torch_leaf = _LEAF_NAMES.get((collection, path[-1]))
+      if torch_leaf is None:
+        raise ValueError(f"{collection}/{'/'.join(path)} is not a ResNet variable torchvision has")
+      yield f"{_torch_module_name(path[:-1])}.{torch_leaf}", collection, path, leaf
+
+
+def torchvision_state_dict(variables: Variables) -> dict[str, np.ndarray]:
+  """The torchvision state dict (numpy arrays, torch layout) of `ResNet` variables, without `fc`.
+
+  Every BatchNorm also gets the `num_batches_tracked` buffer torch has; it is 0 because Flax does not
+  count batches (torch reads it only when momentum is None, which torchvision never sets).
+  """
+  state = {}
+  for key, _, path, leaf in _torch_entries(variables):
+    state[key] = _to_torch_layout(path, np.asarray(jax.device_get(leaf)))
+    if key.endswith(".running_var"):
+      state[key.removesuffix("running_var") + "num_batches_tracked"] = np.array(0, np.int64)
+  return state
+
+
+def save_torchvision_resnet(variables: Variables, path: str | os.PathLike) -> None:
+  """Writes `variables` as a state dict `torchvision.models.resnetNN()` with `fc = nn.Identity()`
+  loads with strict=True; `.safetensors` (no torch needed) or `.pt`/`.pth` by the file's suffix."""
+  path = Path(path)
+  if path.suffix not in (_SAFETENSORS_SUFFIX, *_TORCH_SUFFIXES):
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use a .safetensors, .pt or .pth suffix")
+  state = {k: np.ascontiguousarray(v) for k, v in torchvision_state_dict(variables).items()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if path.suffix == _SAFETENSORS_SUFFIX:
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    safetensors.numpy.save_file(state, str(path))
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+
+
+def _as_numpy(key: str, value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen that first
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.element_size() < 4:
+      value = value.float()
+    return value.numpy()
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return np.asarray(value)
+  raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor or array")
+
+
+def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+  if isinstance(source, Mapping):
+    return {k: _as_numpy(k, v) for k, v in source.items()}
+  path = Path(source)
+  if not path.is_file():
+    raise CheckpointError(f"no torchvision ResNet checkpoint at {str(path)!r}")
+  if path.suffix == _SAFETENSORS_SUFFIX:
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    return dict(safetensors.numpy.load_file(str(path)))
+  if path.suffix not in _TORCH_SUFFIXES:
+    raise CheckpointError(f"cannot tell the format of {str(path)!r}: use a .safetensors, .pt or .pth file")
+  import torch  # pylint: disable=g-import-not-at-top
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(loaded, Mapping):
+    raise CheckpointError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict")
+  return {k: _as_numpy(k, v) for k, v in loaded.items()}
+
+
+def _abstract_variables(depth: int, width: float, small_stem: bool) -> Variables:
+  model = ResNet(depth=depth, width=width, small_stem=small_stem)
+  # Shapes only: nothing is computed, so the image size just has to survive the strides.
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+
+
+def _expected_layout(depth: int, width: float,
+                     small_stem: bool) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+  """torch key -> (collection, Flax path, Flax shape) of the configured model."""
+  variables = _abstract_variables(depth, width, small_stem)
+  return {key: (collection, path, tuple(leaf.shape))
+          for key, collection, path, leaf in _torch_entries(variables)}
+
+
+def _matching_depths(keys: set[str]) -> list[int]:
+  """Depths whose torchvision key set the checkpoint's keys are exactly (for a hint in errors)."""
+  return [d for d in SUPPORTED_DEPTHS if set(_expected_layout(d, 1.0, False)) == keys]
+
+
+def _list_keys(keys: list[str]) -> str:
+  shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_IN_ERROR])
+  more = len(keys) - _MAX_KEYS_IN_ERROR
+  return f"{shown} and {more} more" if more > 0 else shown
+
+
+def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                            depth: int = 50, width: float = 1.0,
+                            small_stem: bool = False) -> Variables:
+  """`ResNet(depth, width, small_stem)` variables from a torchvision state dict.
+
+  Args:
+    path_or_state_dict: a `.pt`/`.pth` file (read with torch.load(weights_only=True)), a
+      `.safetensors` file (read without torch), or a mapping of names to torch tensors / numpy arrays.
+    depth, width, small_stem: the architecture the checkpoint must be exactly.
+
+  Returns:
+    {"params": ..., "batch_stats": ...} of float32 numpy arrays. `fc.*` and `num_batches_tracked`
+    entries are ignored.
+
+  Raises:
+    CheckpointError (a ValueError): naming the keys the checkpoint lacks or has in excess, or a key
+      whose shape differs (with both shapes, in torch layout); or an unreadable / absent file.
+  """
+  state = {k: v for k, v in _read_state_dict(path_or_state_dict).items()
+           if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")}
+  expected = _expected_layout(depth, width, small_stem)
+  arch = f"ResNet{depth} (width={width}, small_stem={small_stem})"
+
+  missing = [k for k in expected if k not in state]
+  unexpected = [k for k in state if k not in expected]
+  if missing or unexpected:
+    problems = []
+    if missing:
+      problems.append(f"missing keys {_list_keys(missing)}")
+    if unexpected:
+      problems.append(f"unexpected keys {_list_keys(unexpected)}")
+    hint = [d for d in _matching_depths(set(state)) if d != depth]
+    hint = f"; its keys are those of ResNet{hint[0]}" if hint else ""
+    raise CheckpointError(f"checkpoint does not fit {arch}: {'; '.join(problems)}{hint}")
+
+  wrong = []
+  for key, (_, path, shape) in expected.items():
+    want = _torch_shape(path, shape)
+    if state[key].shape != want:
+      wrong.append(f"{key!r} has shape {tuple(state[key].shape)}, {arch} expects {want}")
+  if wrong:
+    raise CheckpointError("checkpoint does not fit: " + "; ".join(wrong[:_MAX_KEYS_IN_ERROR]) +
+                     (f"; and {len(wrong) - _MAX_KEYS_IN_ERROR} more" if len(wrong) > _MAX_KEYS_IN_ERROR
+                      else ""))
+
+  flat = {}
+  for key, (collection, path, _) in expected.items():
+    if not np.issubdtype(state[key].dtype, np.floating):
+      raise CheckpointError(f"checkpoint entry {key!r} has dtype {state[key].dtype}, expected floats")
+    flat[(collection, *path)] = _to_flax_layout(path, state[key]).astype(np.float32)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
+                         small_stem: bool = False) -> Variables:
+  """Variables for `model.image.init_from`: "torchvision" downloads torchvision's ImageNet weights
+  (IMAGENET1K_V1; needs torchvision and internet), anything else is a checkpoint file to load."""
+  if init_from == "torchvision":
+    if width != 1.0 or small_stem:
+      raise ConfigError("model.image.init_from='torchvision' has weights for width=1.0, "
+                       f"small_stem=False only, got width={width}, small_stem={small_stem}")
+    if depth not in SUPPORTED_DEPTHS:
+      raise ConfigError(f"model.image.depth={depth!r} is not supported; choose one of "
+                       f"{list(SUPPORTED_DEPTHS)}")
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ConfigError("model.image.init_from='torchvision' needs torchvision installed; or set it "
+                        "to a downloaded .pth/.pt/.safetensors file") from e
+    torch_model = getattr(torchvision.models, f"resnet{depth}")(weights="IMAGENET1K_V1")
+    return load_torchvision_resnet(torch_model.state_dict(), depth)
+  if not init_from:
+    raise ConfigError("model.image.init_from is empty: there is nothing to load")
+  if not Path(init_from).is_file():
+    raise CheckpointError(f"model.image.init_from={init_from!r}: no such file")
+  return load_torchvision_resnet(init_from, depth, width, small_stem)
