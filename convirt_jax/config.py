@@ -5,6 +5,8 @@ declared here, so a typo in `--config.x.y=z` is an error from ml_collections rat
 """
 import ml_collections
 
+from convirt_jax.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -22,7 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text.init_from = "emilyalsentzer/Bio_ClinicalBERT"  # HF directory or Hub name; "" = random init
   # Used when init_from is "": an HF BertConfig as a dict (hidden_size, num_hidden_layers, ...).
   c.model.text.config = ml_collections.ConfigDict()
-  c.model.text.tokenizer = ""         # directory with vocab.txt/tokenizer.json; "" = same as init_from
+  # Directory (or Hub name) with vocab.txt/tokenizer.json; "" = same as init_from; "corpus" = learn a
+  # WordPiece vocabulary from the training reports (for a randomly initialised text encoder).
+  c.model.text.tokenizer = ""
+  c.model.text.vocab_size = 4000      # size of a vocabulary learned from the corpus
   c.model.text.frozen_layers = 6      # embeddings + this many first layers get no update; -1 = none frozen
   c.model.text.pooling = "max"        # "max" (paper) | "mean" | "cls"
   c.model.text.max_length = 128
@@ -42,16 +47,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 224             # model input size
   c.data.stored_size = 256            # shorter side images are stored at
   c.data.frontal_only = True          # MIMIC: PA/AP views only
+  c.data.frontal_views = ("PA", "AP")  # MIMIC ViewPosition values kept when frontal_only
   c.data.strict = False               # stop on the first bad record instead of skipping it
   c.data.whole_report = False         # True: the whole findings+impression instead of one random sentence
   c.data.min_sentence_tokens = 3
   c.data.num_threads = 2              # grain read/map threads per process
   c.data.worker_count = 0             # grain worker processes (0 = in-process threads)
+  c.data.build_threads = 0            # image decode/resize threads while building a dataset (0 = all CPUs)
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_train = 2000
   c.data.synthetic.num_validation = 200
   c.data.synthetic.num_test = 400
   c.data.synthetic.retrieval_per_category = 40
+  c.data.synthetic.retrieval_queries_per_category = 5  # image queries per category
   c.data.synthetic.seed = 0
 
   c.augment = ml_collections.ConfigDict()
@@ -93,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.linear_probe = ml_collections.ConfigDict()
   c.eval.linear_probe.fractions = (0.01, 0.1, 1.0)
   c.eval.linear_probe.seeds = (0, 1, 2)
+  c.eval.linear_probe.c_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried on validation
+  c.eval.linear_probe.default_c = 1.0  # used when there is no validation split
+  c.eval.linear_probe.max_iter = 1000  # L-BFGS iterations per fit
+  c.eval.linear_probe.min_train = 10   # smallest training subset, whatever the fraction
+  c.eval.linear_probe.max_train_examples = 0  # 0 = the whole training split
   c.eval.retrieval = ml_collections.ConfigDict()
   c.eval.retrieval.k = (5, 10, 50)
 
@@ -101,3 +114,71 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
   return c
+
+
+_CHOICES = {
+    "data.name": ("synthetic", "mimic_cxr", "csv"),
+    "model.image.depth": (18, 34, 50, 101),
+    "model.text.pooling": ("max", "mean", "cls"),
+    "train.precision": ("float32", "bfloat16"),
+    "optimizer.schedule": ("constant", "cosine", "plateau"),
+}
+_POSITIVE = ("model.image.width", "model.text.max_length", "model.projection_dim",
+             "model.projection_hidden", "loss.temperature", "data.image_size", "data.stored_size",
+             "train.batch_size", "optimizer.lr", "checkpoint.every_steps", "checkpoint.keep",
+             "eval.every_steps", "eval.batch_size")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first key that is unknown, missing or out of range.
+
+  Runs before any data is read or anything compiles; checks needing the devices (batch divisibility) are in
+  `parallel.local_batch_size`, and the data checks in `data.datasets`.
+  """
+  _check_known_keys(config.to_dict(), base_config().to_dict(), prefix="")
+  get = lambda key: _get(config, key)
+  for key, choices in _CHOICES.items():
+    if get(key) not in choices:
+      raise ConfigError(f"config.{key}={get(key)!r}: must be one of {choices}")
+  for key in _POSITIVE:
+    if not get(key) > 0:
+      raise ConfigError(f"config.{key}={get(key)!r}: must be > 0")
+  if not 0.0 <= config.loss.image_weight <= 1.0:
+    raise ConfigError(f"config.loss.image_weight={config.loss.image_weight}: must be in [0, 1]")
+  if config.train.steps <= 0 and config.train.epochs <= 0:
+    raise ConfigError("config.train.steps and config.train.epochs are both 0: set one of them")
+  if config.data.name == "csv" and not config.data.csv:
+    raise ConfigError("config.data.csv is empty: give the CSV of pairs (--config.data.csv=/path/pairs.csv)")
+  if config.data.name == "mimic_cxr" and not config.data.dir:
+    raise ConfigError("config.data.dir is empty: give the MIMIC-CXR-JPG directory "
+                      "(--config.data.dir=/path/to/mimic-cxr-jpg)")
+  text = config.model.text
+  if not text.init_from:
+    if not text.config.to_dict():
+      raise ConfigError("config.model.text.init_from is empty, so config.model.text.config must describe "
+                        "the BERT to initialise randomly (hidden_size, num_hidden_layers, ...)")
+    if not text.tokenizer:
+      raise ConfigError("config.model.text.init_from is empty, so config.model.text.tokenizer must name a "
+                        "tokenizer directory, or \"corpus\" to learn one from the training reports")
+  for lo_hi in ("augment.crop_scale", "augment.scale", "augment.brightness", "augment.contrast",
+                "augment.blur_sigma"):
+    lo, hi = get(lo_hi)
+    if not 0 <= lo <= hi:
+      raise ConfigError(f"config.{lo_hi}={(lo, hi)}: must be (low, high) with 0 <= low <= high")
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def _check_known_keys(tree: dict, reference: dict, prefix: str) -> None:
+  for key, value in tree.items():
+    if key not in reference:
+      raise ConfigError(f"unknown config key config.{prefix}{key} (known here: "
+                        f"{', '.join(sorted(reference))})")
+    # Free-form dicts (an HF BertConfig) are not checked below their own level.
+    if isinstance(value, dict) and reference[key]:
+      _check_known_keys(value, reference[key], prefix=f"{prefix}{key}.")
