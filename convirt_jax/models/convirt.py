@@ -1,0 +1,129 @@
+"""ConVIRT's dual encoder: ResNet on images, BERT on report text, each with a nonlinear projection head.
+
+Parameters are grouped as {"image", "text", "image_head", "text_head"}; the train state, the freezing
+rules and weight interop rely on these names. Images come in as uint8 NHWC and are normalised here, so
+host pipelines stay uint8 (4x less to move) and the model owns its preprocessing constants.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from convirt_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from convirt_jax.models.bert import BertConfig, BertEncoder, pool_text
+from convirt_jax.models.resnet import ResNet
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _torch_linear_bias_init(fan_in: int):
+  """torch.nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# torch.nn.Linear's weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class ProjectionHead(nn.Module):
+  """The paper's nonlinear projection: Linear -> ReLU -> Linear, initialised as torch.nn.Linear."""
+  hidden_dim: int
+  output_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda features, fan_in, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_torch_linear_kernel_init,
+        bias_init=_torch_linear_bias_init(fan_in), name=name)
+    x = nn.relu(dense(self.hidden_dim, x.shape[-1], "dense1")(x))
+    # The embeddings leave in float32: the loss and the evaluations compare them at full precision.
+    return dense(self.output_dim, self.hidden_dim, "dense2")(x).astype(jnp.float32)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 NHWC RGB -> float32 (x / 255 - ImageNet mean) / ImageNet std, as torchvision models expect."""
+  if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}")
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+class ConVIRTModel(nn.Module):
+  """Image and text encoders with projection heads to a shared `projection_dim` space.
+
+  Attributes:
+    image_encoder: the ResNet (its `axis_name` syncs BatchNorm over the data axis when training).
+    text_encoder: the BertEncoder.
+    projection_dim: size of the shared embedding space (512 in the paper).
+    projection_hidden: hidden width of both projection heads.
+    pooling: how token states become one text vector: "max" (paper), "mean" or "cls".
+    dtype: computation dtype of the heads (the encoders carry their own).
+  """
+  image_encoder: ResNet
+  text_encoder: BertEncoder
+  projection_dim: int = 512
+  projection_hidden: int = 512
+  pooling: str = "max"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    # Re-parented under fixed names so that parameter paths do not depend on the field names.
+    self.image = self.image_encoder.clone(parent=self, name="image")
+    self.text = self.text_encoder.clone(parent=self, name="text")
+    self.image_head = ProjectionHead(self.projection_hidden, self.projection_dim, self.dtype)
+    self.text_head = ProjectionHead(self.projection_hidden, self.projection_dim, self.dtype)
+
+  def encode_images(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """uint8 [N, H, W, 3] -> (pooled ResNet features [N, C], projection [N, projection_dim])."""
+    features = self.image(normalize_images(images), train=train)
+    return features, self.image_head(features)
+
+  def encode_texts(self, input_ids: jax.Array, attention_mask: jax.Array,
+                   train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """int [N, T] token ids and mask -> (pooled BERT features [N, H], projection [N, projection_dim])."""
+    hidden = self.text(input_ids, attention_mask, deterministic=not train)
+    features = pool_text(hidden, attention_mask, self.pooling)
+    return features, self.text_head(features)
+
+  def __call__(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+               train: bool = False, return_features: bool = False) -> dict[str, jax.Array]:
+    """Projected (not normalised) embeddings of N image/text pairs; the loss normalises them."""
+    image_features, image_emb = self.encode_images(images, train=train)
+    text_features, text_emb = self.encode_texts(input_ids, attention_mask, train=train)
+    out = {"image_emb": image_emb, "text_emb": text_emb}
+    if return_features:
+      out.update(image_features=image_features, text_features=text_features)
+    return out
+
+
+def compute_dtype(precision: str) -> Any:
+  if precision not in PRECISIONS:
+    raise ValueError(f"train.precision={precision!r} is not supported; choose one of {sorted(PRECISIONS)}")
+  return PRECISIONS[precision]
+
+
+def build_model(config: ml_collections.ConfigDict, text_config: BertConfig,
+                axis_name: str | None = None) -> ConVIRTModel:
+  """The model described by `config.model` at `config.train.precision` (parameters are always f32).
+
+  `axis_name` is the mesh axis that training-mode BatchNorm averages its statistics over; leave it None
+  for a model that only runs outside shard_map (feature extraction, export).
+  """
+  dtype = compute_dtype(config.train.precision)
+  if config.model.text.pooling not in ("max", "mean", "cls"):
+    raise ValueError(f"model.text.pooling={config.model.text.pooling!r}: choose 'max', 'mean' or 'cls'")
+  image = config.model.image
+  return ConVIRTModel(
+      image_encoder=ResNet(depth=image.depth, width=image.width, small_stem=image.small_stem,
+                           axis_name=axis_name, dtype=dtype),
+      text_encoder=BertEncoder(text_config, dtype=dtype),
+      projection_dim=config.model.projection_dim,
+      projection_hidden=config.model.projection_hidden,
+      pooling=config.model.text.pooling,
+      dtype=dtype)
