@@ -5,6 +5,7 @@ vocabulary comes from the checkpoint's tokenizer.json (else vocab.txt), while lo
 stripping and CJK splitting come from tokenizer_config.json with HF's defaults (transformers ignores the
 normalizer stored in tokenizer.json). Instances pickle by their settings, for grain worker processes.
 """
+import collections
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -101,21 +102,30 @@ class Tokenizer:
   @classmethod
   def from_corpus(cls, texts: Iterable[str], vocab_size: int, max_length: int = 128,
                   do_lower_case: bool = True) -> "Tokenizer":
-    """Learns a WordPiece vocabulary (specials first: [PAD]=0, [UNK], [CLS], [SEP], [MASK]) from texts.
+    """A WordPiece vocabulary learned from texts: specials ([PAD]=0, [UNK], [CLS], [SEP], [MASK]), every
+    character alone and as a "##" continuation, then the most frequent words (ties alphabetical).
 
-    The `tokenizers` trainer breaks ties in hash order, so two processes can learn different
-    vocabularies from the same texts: learn it once, `save` it, and load it everywhere else.
+    Deterministic, unlike the `tokenizers` WordPiece trainer (which breaks ties in hash order): the
+    same texts give the same vocabulary in every process and every run, so runs are reproducible. Any
+    word made of seen characters encodes without [UNK] (frequent words whole, rare ones spelled out).
     """
     specials = [_DEFAULT_SPECIALS[name] for name in
                 ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")]
-    learner = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token=_DEFAULT_SPECIALS["unk_token"]))
     # The same normalisation and pre-tokenisation that encoding applies.
-    learner.normalizer = normalizers.BertNormalizer(lowercase=do_lower_case)
-    learner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                   show_progress=False)
-    learner.train_from_iterator(texts, trainer)
-    return cls(learner.get_vocab(), max_length=max_length, do_lower_case=do_lower_case)
+    normalizer = normalizers.BertNormalizer(lowercase=do_lower_case)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter()
+    for text in texts:
+      counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = specials + chars + [f"##{c}" for c in chars]
+    if vocab_size < len(vocab):
+      raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(vocab)} special and "
+                       "character tokens of this corpus")
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:vocab_size - len(vocab)]
+    return cls({token: i for i, token in enumerate(vocab)}, max_length=max_length,
+               do_lower_case=do_lower_case)
 
   @property
   def vocab_size(self) -> int:

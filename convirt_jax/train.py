@@ -1,4 +1,4 @@
-"""Train state, optimizer and the data-parallel train/eval steps of ConVIRT (pure functions).
+"""Train state, optimizer, the data-parallel train/eval steps of ConVIRT, and the training job `run`.
 
 The state is a plain pytree:
   {"step", "params": {"image", "text", "image_head", "text_head"}, "batch_stats", "opt_state", "rng"}.
@@ -7,21 +7,40 @@ A step runs the forward pass and the loss per device under `jax.shard_map` over 
 BatchNorm statistics are averaged over the axis (SyncBatchNorm) and the loss scores every row against
 the embeddings of the whole global batch. Under shard_map's `check_vma`, the gradient of a replicated
 parameter leaves the map already summed over the axis, so there is no explicit gradient psum here.
+
+`run` is the job around them: data, resume, the loop with logging, validation, checkpoints and the
+SIGTERM/NaN stops, then the downstream evaluation.
 """
 import functools
+import json
+import os
 import re
+import signal
+import threading
 from typing import Any, Callable
 
+from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from convirt_jax import losses, parallel
+from convirt_jax import checkpoints, losses, metric_logging, parallel
+from convirt_jax import config as config_lib
+from convirt_jax.data import datasets, pipeline
+from convirt_jax.errors import ConfigError, DataError, TrainingDiverged
+from convirt_jax.evaluate import downstream, report
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.interop.hf_bert import load_hf_bert, resolve_hf_dir
+from convirt_jax.interop.torchvision_resnet import load_imagenet_resnet
+from convirt_jax.models import convirt
+from convirt_jax.models.bert import BertConfig
 from convirt_jax.models.convirt import ConVIRTModel
+from convirt_jax.tokenizer import Tokenizer
 
 PARAM_GROUPS = ("image", "text", "image_head", "text_head")
 BATCH_KEYS = ("image", "input_ids", "attention_mask")
@@ -99,12 +118,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_total: int) 
     return float(opt.lr)
   if opt.schedule == "cosine":
     if not 0 <= opt.warmup_steps < steps_total:
-      raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} must be in [0, {steps_total}), "
+      raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps} must be in [0, {steps_total}), "
                        "the total number of steps")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt.lr, warmup_steps=opt.warmup_steps, decay_steps=steps_total,
         end_value=0.0)
-  raise ValueError(f"optimizer.schedule={opt.schedule!r}: choose 'constant', 'cosine' or 'plateau'")
+  raise ConfigError(f"optimizer.schedule={opt.schedule!r}: choose 'constant', 'cosine' or 'plateau'")
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any,
@@ -120,7 +139,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   """
   opt = config.optimizer
   if opt.weight_decay < 0 or opt.grad_clip_norm < 0:
-    raise ValueError(f"optimizer.weight_decay={opt.weight_decay} and optimizer.grad_clip_norm="
+    raise ConfigError(f"optimizer.weight_decay={opt.weight_decay} and optimizer.grad_clip_norm="
                      f"{opt.grad_clip_norm} must be >= 0")
   parts = []
   if opt.grad_clip_norm > 0:
@@ -164,9 +183,9 @@ def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
 def _plateau_transform(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   opt = config.optimizer
   if not 0.0 < opt.plateau_factor < 1.0:
-    raise ValueError(f"optimizer.plateau_factor={opt.plateau_factor} must be in (0, 1)")
+    raise ConfigError(f"optimizer.plateau_factor={opt.plateau_factor} must be in (0, 1)")
   if opt.plateau_patience < 1:
-    raise ValueError(f"optimizer.plateau_patience={opt.plateau_patience} must be >= 1")
+    raise ConfigError(f"optimizer.plateau_patience={opt.plateau_patience} must be >= 1")
   return optax.contrib.reduce_on_plateau(factor=opt.plateau_factor, patience=opt.plateau_patience,
                                          rtol=_PLATEAU_RTOL, atol=0.0)
 
@@ -263,7 +282,7 @@ def init_train_state(model: ConVIRTModel, optimizer: optax.GradientTransformatio
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "batch_stats": variables["batch_stats"],
-      "opt_state": optimizer.init(params),
+      "opt_state": jax.jit(optimizer.init)(params),  # one compile, not one per leaf shape
       "rng": state_rng,
   }
 
@@ -367,3 +386,286 @@ def make_eval_step(model: ConVIRTModel, config: ml_collections.ConfigDict,
 
   replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   return jax.jit(eval_step, in_shardings=(replicated, data), out_shardings=replicated)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job: data, model, resume, the loop, checkpoints, evaluation. `main.py` calls `run`.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains (or resumes), evaluates and writes everything into `workdir`; returns the results."""
+  config_lib.validate(config)
+  parallel.initialize(config.distributed)
+  mesh = parallel.make_mesh()
+  try:
+    local_batch = parallel.local_batch_size(config.train.batch_size, mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep,
+                                     best_metric=config.checkpoint.keep_best_metric)
+  try:
+    return _train_and_evaluate(config, workdir, mesh, local_batch, manager)
+  finally:
+    manager.close()  # waits for a save in flight, whatever stopped the run
+
+
+def _train_and_evaluate(config, workdir, mesh, local_batch, manager) -> dict[str, Any]:
+  is_main = parallel.is_main_process()
+  resume_step = manager.latest_step() or 0
+  if resume_step:
+    _check_resumable(checkpoints.restore_meta(manager, resume_step)["config"], config, workdir)
+
+  dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
+                                  is_builder_process=is_main)
+  if len(dataset.sources.get("train", ())) == 0:
+    raise DataError(f"the {config.data.name} data set has no train split")
+  tokenizer, text_config, text_params = setup_text(config, dataset, workdir)
+  model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
+  steps_total = total_steps(config, len(dataset.sources["train"]))
+  image_size, text_length = config.data.image_size, config.model.text.max_length
+  optimizer = make_optimizer(config, param_shapes(model, image_size, text_length), steps_total)
+  _announce(describe_parameters(param_shapes(model, image_size, text_length),
+                                config.model.text.frozen_layers))
+
+  state = init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size, text_length,
+                           params_override=pretrained_params(config, text_params))
+  state = parallel.replicate(state, mesh)
+  train_iter = iter(pipeline.train_loader(
+      dataset.sources["train"], tokenizer, config, local_batch_size=local_batch, seed=config.train.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count()))
+  plateau = plateau_init(config)
+  if resume_step:
+    state, meta = checkpoints.restore(manager, resume_step, checkpoints.abstract_like(state),
+                                      data_iterator=train_iter)
+    plateau = _plateau_from_json(plateau, meta["plateau"])
+    _announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
+  elif is_main:
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  train_step = make_train_step(model, optimizer, config, mesh)
+  eval_step = make_eval_step(model, config, mesh)
+  logger = metric_logging.MetricLogger(workdir, enabled=is_main, resume_step=resume_step)
+  preempted = _SigtermFlag()
+  bar = metric_logging.progress_bar(steps_total, resume_step, enabled=is_main)
+  window = []  # metrics since the last log, still on the devices
+  step = resume_step
+  try:
+    while step < steps_total:
+      state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh))
+      step += 1
+      window.append(metrics)
+      bar.update(1)
+      last, stopping = step == steps_total, preempted.is_set(manager, step)
+      save_now = last or stopping or step % config.checkpoint.every_steps == 0
+      if window and (save_now or step % config.train.log_every_steps == 0):
+        summary = _summarise(window)  # raises TrainingDiverged: nothing after the last good save is saved
+        window = []
+        logger.write(step, summary)
+        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", lr=f"{summary['train/lr']:.2e}")
+      val_metrics = {}
+      if (last or step % config.eval.every_steps == 0) and "validation" in dataset.sources:
+        val_metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config,
+                                      mesh)
+        logger.write(step, val_metrics)
+        if config.optimizer.schedule == "plateau":
+          plateau, scale = reduce_on_plateau(plateau, val_metrics["val/loss"], config)
+          state["opt_state"] = set_learning_rate(state["opt_state"], config.optimizer.lr * scale)
+      if save_now or val_metrics:
+        best_key = config.checkpoint.keep_best_metric
+        checkpoints.save(manager, step, state, data_iterator=train_iter,
+                         meta={"config": config.to_dict(), "step": step,
+                               "plateau": _plateau_to_json(plateau)},
+                         metrics={best_key: val_metrics[best_key]} if best_key in val_metrics else None)
+      if stopping and not last:
+        _announce(f"Preempted: saved step {step}; run the same command to resume.")
+        return {}
+  finally:
+    bar.close()
+  if is_main:
+    metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
+    report.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
+  _announce("Evaluating (linear probe, retrieval)...")
+  results = evaluate_downstream(config, workdir, model, text_params, state, dataset, tokenizer, mesh,
+                                steps_total)
+  logger.close()
+  _announce(f"\n{report.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
+  return results
+
+
+LOSS_CURVE_PNG = "loss_curve.png"
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  if config.train.steps > 0:
+    return int(config.train.steps)
+  return max(1, int(config.train.epochs * num_train // config.train.batch_size))
+
+
+def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str):
+  """The tokenizer, BertConfig and (when initialised from a checkpoint) BERT params of this run.
+
+  The tokenizer and BertConfig are written into the workdir, so the run can be loaded (ConVIRT.load,
+  export) without the original checkpoint directory, and a corpus vocabulary is learned once.
+  """
+  text = config.model.text
+  tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
+  text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
+  if os.path.isdir(tokenizer_dir):  # a resumed run: keep the vocabulary the checkpoint was trained with
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+  else:
+    if parallel.is_main_process():
+      if text.tokenizer == "corpus":
+        # Learned on one process: the WordPiece trainer breaks ties in hash order.
+        train = dataset.sources["train"]
+        texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
+        tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=text.max_length)
+      else:
+        tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer or text.init_from),
+                                              max_length=text.max_length)
+      tokenizer.save(tokenizer_dir)
+    multihost_utils.sync_global_devices("tokenizer saved")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+  text_params = None
+  if text.init_from:
+    text_config, text_params = load_hf_bert(text.init_from)
+  else:
+    text_config = BertConfig.from_dict({**text.config.to_dict(), "vocab_size": tokenizer.vocab_size})
+  if text_config.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the BERT's vocab_size is "
+                      f"{text_config.vocab_size} (config.model.text.tokenizer / init_from)")
+  if text_config.max_position_embeddings < text.max_length:
+    raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
+                      f"max_position_embeddings={text_config.max_position_embeddings}")
+  if parallel.is_main_process():
+    _write_json(text_config_path, text_config.to_dict())
+  return tokenizer, text_config, text_params
+
+
+def pretrained_params(config: ml_collections.ConfigDict, text_params) -> dict[str, Any]:
+  """{"params": {...}, "batch_stats": {...}} for the groups initialised from torchvision / HF weights."""
+  override = {"params": {}, "batch_stats": {}}
+  image = config.model.image
+  if image.init_from:
+    variables = load_imagenet_resnet(image.init_from, image.depth, image.width, image.small_stem)
+    override["params"]["image"] = variables["params"]
+    override["batch_stats"]["image"] = variables["batch_stats"]
+  if text_params is not None:
+    override["params"]["text"] = text_params
+  return override
+
+
+def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[str, float]:
+  """Mean over the validation batches of the contrastive loss terms (whole reports, no augmentation)."""
+  batch_size = features_lib.per_process_batch(config.eval.batch_size, mesh)
+  totals, batches = {}, 0
+  for batch in pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
+                                     shard_index=jax.process_index(), shard_count=jax.process_count()):
+    inputs = {k: batch[k] for k in ("image", "input_ids", "attention_mask", "mask")}
+    metrics = parallel.fetch(eval_step(state, parallel.shard_batch(inputs, mesh)))
+    for key, value in metrics.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+    batches += 1
+  return {f"val/{key}": value / batches for key, value in totals.items()}
+
+
+def evaluate_downstream(config, workdir, model, text_params, state, dataset, tokenizer, mesh,
+                        steps_total) -> dict[str, Any]:
+  """Linear probe and retrieval for ConVIRT and the baselines (random init; ImageNet init if used).
+
+  `model` is the training model: in inference mode its BatchNorm uses running statistics and never
+  touches the mesh axis, and reusing it reuses its compiled initialiser.
+  """
+  image_size, text_length = config.data.image_size, config.model.text.max_length
+  weights = {"ConVIRT": {"params": state["params"], "batch_stats": state["batch_stats"]}}
+  if config.model.image.init_from:
+    initial = init_train_state(model, optax.identity(), jax.random.key(config.train.seed), image_size,
+                               text_length, params_override=pretrained_params(config, text_params))
+    weights["ImageNet Init."] = {"params": initial["params"], "batch_stats": initial["batch_stats"]}
+  if config.eval.random_init_baseline:
+    # Another seed than training's, so the baseline is not the trained model's own starting point.
+    initial = init_train_state(model, optax.identity(), jax.random.key(config.train.seed + 1), image_size,
+                               text_length)
+    weights["Random Init."] = {"params": initial["params"], "batch_stats": initial["batch_stats"]}
+  run_info = {"config": config.data.name, "workdir": workdir, "steps": steps_total,
+              "global_batch_size": config.train.batch_size, "devices": jax.device_count(),
+              "processes": jax.process_count()}
+  return downstream.run_downstream(config, workdir, model, weights, dataset, tokenizer, mesh, run_info)
+
+
+def _summarise(window: list[Metrics]) -> dict[str, float]:
+  """Means over the window's steps, prefixed "train/"; a non-finite loss stops the run."""
+  values = parallel.fetch(window)
+  summary = {f"train/{key}": float(np.mean([m[key] for m in values])) for key in values[0]}
+  for metrics in values:
+    if not np.isfinite(metrics["loss"]):
+      raise TrainingDiverged(
+          f"the training loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); "
+          "stopped without saving it, the last good checkpoint is kept. Lower optimizer.lr or set "
+          "optimizer.grad_clip_norm, then run the same command to resume from that checkpoint.")
+  return summary
+
+
+# What a checkpoint's meaning depends on: resuming with another value would restore nonsense.
+_RESUME_KEYS = ("model", "loss", "data.name", "data.dir", "data.csv", "data.image_size",
+                "data.stored_size", "data.label_columns", "train.batch_size", "train.seed")
+
+
+def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Names the first key whose value differs from the run saved in `workdir`."""
+  old, new = _flatten(saved, ""), _flatten(config.to_dict(), "")
+  for key in sorted(new):
+    if key.startswith(_RESUME_KEYS) and _jsonable(old.get(key)) != _jsonable(new[key]):
+      raise ConfigError(f"{workdir} holds a run with config.{key}={old.get(key)!r}, this config has "
+                        f"{new[key]!r}: use another --workdir, or the same config to resume")
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (preemption); with several processes orbax agrees on the step to stop at."""
+
+  def __init__(self):
+    self._set = False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._set = True
+
+  def is_set(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self._set
+
+
+def _plateau_to_json(plateau) -> dict[str, float]:
+  return {k: float(v) for k, v in plateau._asdict().items()}
+
+
+def _plateau_from_json(template, values: dict[str, float]):
+  return type(template)(**{k: jnp.asarray(values[k], jnp.asarray(v).dtype)
+                           for k, v in template._asdict().items()})
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def _announce(message: str) -> None:
+  if parallel.is_main_process():
+    print(message, flush=True)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2, default=str)

@@ -140,3 +140,16 @@ def test_from_corpus_learns_a_usable_vocabulary(tmp_path):
   assert (out["attention_mask"].sum(1) >= np.minimum(np.array(words_per_report) + 3, 24)).all()
   tokenizer.save(str(tmp_path))
   _assert_same_as_hf(tokenizer, str(tmp_path), reports[:50] + TEXTS)
+
+
+def test_from_corpus_is_deterministic_and_keeps_frequent_words_whole():
+  reports = _reports()
+  a = Tokenizer.from_corpus(reports, vocab_size=120, max_length=24)
+  b = Tokenizer.from_corpus(list(reversed(reports)), vocab_size=120, max_length=24)
+  np.testing.assert_array_equal(a(reports)["input_ids"], b(reports)["input_ids"])
+  # With room for every word, each word of the corpus is one token: [CLS] words... "." [SEP].
+  roomy = Tokenizer.from_corpus(reports, vocab_size=1000, max_length=24)
+  out = roomy(["pleural effusion."])
+  assert out["attention_mask"].sum() == 5
+  with pytest.raises(ValueError, match="vocab_size=10"):
+    Tokenizer.from_corpus(reports, vocab_size=10)

@@ -107,7 +107,8 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   path = prepared_dir(config, data_dir)
   if not _is_built(path):
     if is_builder_process:
-      logging.info("Building the %s dataset into %s", config.data.name, path)
+      print(f"Building the {config.data.name} dataset into {path}", flush=True)
+      tfds.disable_progress_bar()
       make_builder(config, data_dir).download_and_prepare(
           download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
     else:

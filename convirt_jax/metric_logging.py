@@ -1,0 +1,76 @@
+"""Where a run's numbers go: `metrics.jsonl` and TensorBoard event files in the workdir, and a progress bar.
+
+Only the main process writes; the others get a logger that does nothing, so call sites need no checks.
+A resumed run appends to the same files; rows past the resume step (logged after the last checkpoint of the
+interrupted run) are dropped first, so every step appears once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger:
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+    self.enabled = enabled
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    _truncate_after(self._path, resume_step)
+    import tensorboardX  # pylint: disable=g-import-not-at-top  (only the main process needs it)
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    with open(self._path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -> tqdm.tqdm:
+  """Steps with rate, ETA and a loss postfix; quiet on non-main processes."""
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
+                   dynamic_ncols=True, smoothing=0.1)
+
+
+def _truncate_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(rows)
+
+
+def _to_python(value: Any) -> Any:
+  if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep the fact visible
+  return value

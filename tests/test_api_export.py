@@ -1,0 +1,119 @@
+"""ConVIRT.load / encode_* and the PyTorch export: the exported files reproduce the embeddings in torch."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from convirt_jax import ConVIRT, export, train
+from convirt_jax.errors import CheckpointError
+import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["Moderate left pleural effusion.", "No acute cardiopulmonary process.",
+         "Enlarged cardiac silhouette with pulmonary edema.", "Endotracheal tube in good position."]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A short run of a real torchvision resnet18 (width 1, standard stem) and a 2-layer BERT."""
+  config = tiny_config.get_config()
+  config.data.tfds_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.model.image.width = 1.0
+  config.train.steps = 2
+  config.eval.every_steps = 2
+  config.eval.random_init_baseline = False
+  path = str(tmp_path_factory.mktemp("run"))
+  train.run(config, path)
+  return path
+
+
+def _images(n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (48 + 7 * i, 40 + 5 * i), np.uint8) for i in range(n)]
+
+
+def test_load_and_encode(workdir):
+  model = ConVIRT.load(workdir)
+  assert model.step == 2
+  assert ConVIRT.load(workdir, "best").step == 2
+  v = model.encode_images(_images())
+  u = model.encode_texts(TEXTS)
+  assert v.shape == (3, 16) and u.shape == (4, 16)
+  np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-5)
+  assert model.encode_images(_images(), project=False).shape == (3, 512)
+  assert model.encode_texts(TEXTS, project=False).shape == (4, 32)
+  # [H, W], [H, W, 1] and grey [H, W, 3] give the same embedding; batching does not matter.
+  grey = _images(1)[0]
+  same = model.encode_images([grey, grey[..., None], np.repeat(grey[..., None], 3, -1)])
+  np.testing.assert_allclose(same, np.repeat(same[:1], 3, 0), atol=1e-6)
+  np.testing.assert_allclose(model.encode_images(_images(), batch_size=2), v, atol=1e-6)
+  with pytest.raises(ValueError, match="uint8"):
+    model.encode_images([grey.astype(np.float32)])
+  with pytest.raises(TypeError, match="list of strings"):
+    model.encode_texts("one string")
+
+
+def test_load_errors(workdir, tmp_path):
+  with pytest.raises(CheckpointError, match="no checkpoint"):
+    ConVIRT.load(str(tmp_path))
+  with pytest.raises(CheckpointError, match="step 7"):
+    ConVIRT.load(workdir, 7)
+
+
+def _readme_code(readme: str) -> str:
+  return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_exported_files_reproduce_the_embeddings_in_pytorch(workdir, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "exported"
+  result = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={workdir}",
+                           f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("image_encoder.safetensors", "image_encoder.pt", "projection_heads.safetensors",
+               "README.md", "text_encoder/config.json", "text_encoder/model.safetensors",
+               "text_encoder/vocab.txt"):
+    assert (out / name).exists(), name
+
+  # The .pt state dict loads strictly into torchvision too.
+  resnet = torchvision.models.resnet18()
+  resnet.fc = torch.nn.Identity()
+  resnet.load_state_dict(torch.load(out / "image_encoder.pt", weights_only=True), strict=True)
+  _, info = transformers.BertModel.from_pretrained(out / "text_encoder", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+
+  # Run the README's own code, as a user would, and compare with convirt_jax.
+  namespace = {}
+  code = _readme_code((out / "README.md").read_text()).replace('d = "."', f'd = "{out}"')
+  exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  model = ConVIRT.load(workdir)
+  images = _images()
+  torch_v = namespace["encode_images"](images).numpy()
+  torch_u = namespace["encode_texts"](TEXTS).numpy()
+  np.testing.assert_allclose(torch_v, model.encode_images(images), atol=1e-4)
+  np.testing.assert_allclose(torch_u, model.encode_texts(TEXTS), atol=1e-4)
+
+
+def test_export_of_a_missing_workdir_is_a_clear_error(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={tmp_path}",
+                           f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0 and "no checkpoint" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_projection_heads_state_dict_layout():
+  params = {h: {"dense1": {"kernel": np.ones((4, 3)), "bias": np.zeros(3)},
+                "dense2": {"kernel": np.ones((3, 2)), "bias": np.zeros(2)}}
+            for h in ("image_head", "text_head")}
+  sd = export.projection_heads_state_dict(params)
+  assert sd["image_head.0.weight"].shape == (3, 4) and sd["text_head.2.weight"].shape == (2, 3)
+  assert set(sd) == {f"{h}.{i}.{p}" for h in ("image_head", "text_head") for i in (0, 2)
+                     for p in ("weight", "bias")}

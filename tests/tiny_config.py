@@ -1,0 +1,45 @@
+"""A configs/synthetic.py shrunk so that a whole run (build, train, evaluate) takes seconds.
+
+Run as a config file too: python -m convirt_jax.main --config=tests/tiny_config.py --workdir=...
+A quarter-width ResNet18; tests of the PyTorch export set model.image.width = 1 (a real resnet18).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from configs import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config():
+  c = synthetic.get_config()
+  c.data.stored_size = 40
+  c.data.image_size = 32
+  c.data.synthetic.num_train = 64
+  c.data.synthetic.num_validation = 32
+  c.data.synthetic.num_test = 48
+  c.data.synthetic.retrieval_per_category = 4
+  c.data.synthetic.retrieval_queries_per_category = 2
+  c.data.num_threads = 1
+  c.model.image.depth = 18
+  c.model.image.width = 0.25
+  c.model.text.vocab_size = 300
+  c.model.text.max_length = 16
+  c.model.text.config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=32,
+                             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  c.model.projection_dim = 16
+  c.model.projection_hidden = 32
+  c.train.batch_size = 16
+  c.train.steps = 6
+  c.train.log_every_steps = 2
+  c.optimizer.lr = 1e-3
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  c.checkpoint.every_steps = 2
+  c.checkpoint.keep = 2
+  c.eval.every_steps = 3
+  c.eval.batch_size = 32
+  c.eval.linear_probe.seeds = (0,)
+  c.eval.linear_probe.c_grid = (1.0,)
+  c.eval.retrieval.k = (5, 10)
+  return c
