@@ -395,6 +395,9 @@ def make_eval_step(model: ConVIRTModel, config: ml_collections.ConfigDict,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains (or resumes), evaluates and writes everything into `workdir`; returns the results."""
   config_lib.validate(config)
+  if "://" in workdir:
+    raise ConfigError(f"--workdir={workdir}: give a filesystem path; for a bucket shared by several hosts, "
+                      "mount it (e.g. gcsfuse) at the same path on every host")
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh()
   try:

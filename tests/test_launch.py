@@ -159,7 +159,7 @@ def test_help_prints_usage(sandbox, script, flag):
 
 @pytest.mark.parametrize("script,args,env", [
     ("tpu_vm.sh", ("create", "setup", "run", "logs", "stop", "delete", "--zone=z", "--name=n",
-                   "--accelerator-type=v4-32", "--config=c.py", "--workdir=gs://b/r", "--config.x=it's"), {}),
+                   "--accelerator-type=v4-32", "--config=c.py", "--workdir=/gcs/b/r", "--config.x=it's"), {}),
     ("gpu_local.sh", ("--setup", "--config=c.py", "--workdir=w", "--config.x=it's"), {}),
     ("slurm.sbatch", ("--config=c.py", "--workdir=w", "--config.x=it's"),
      {"SLURM_JOB_NODELIST": "gpu[001-002]"}),
@@ -188,14 +188,14 @@ def _remote_command(argv: list[str]) -> str:
 
 def test_tpu_run_dry_run_starts_the_program_on_every_worker(sandbox):
   result = sandbox.run("tpu_vm.sh", "run", "--dry-run", *_TPU, "--config=configs/mimic.py",
-                       "--workdir=gs://bucket/convirt/run1", "--config.train.batch_size=4096",
+                       "--workdir=/gcs/bucket/convirt/run1", "--config.train.batch_size=4096",
                        "--", "--config.data.csv=/data/my pairs.csv")
   assert result.returncode == 0, result.stderr
   (ssh,) = _gcloud_lines(result.stdout)
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
   assert {"--worker=all", "--zone=us-central2-b", "--project=my-project"} <= set(ssh)
   command = _remote_command(ssh)
-  assert ("python -m convirt_jax.main --config=configs/mimic.py --workdir=gs://bucket/convirt/run1 "
+  assert ("python -m convirt_jax.main --config=configs/mimic.py --workdir=/gcs/bucket/convirt/run1 "
           "--config.train.batch_size=4096") in command
   # The override with a space reaches the program as one argument.
   assert "--config.data.csv=/data/my pairs.csv" in shlex.split(command.replace(";", " "))
@@ -205,11 +205,11 @@ def test_tpu_run_dry_run_starts_the_program_on_every_worker(sandbox):
 
 def test_tpu_environment_variables_equal_flags(sandbox):
   flags = sandbox.run("tpu_vm.sh", "create", "run", "--dry-run", *_TPU, "--accelerator-type=v5litepod-16",
-                      "--spot", "--config=configs/mimic.py", "--workdir=gs://b/r", "--remote-dir=code")
+                      "--spot", "--config=configs/mimic.py", "--workdir=/gcs/b/r", "--remote-dir=code")
   env = sandbox.run("tpu_vm.sh", "create", "run", env={
       "DRY_RUN": "1", "ZONE": "us-central2-b", "TPU_NAME": "my-tpu", "PROJECT": "my-project",
       "ACCELERATOR_TYPE": "v5litepod-16", "SPOT": "true", "CONFIG": "configs/mimic.py",
-      "WORKDIR": "gs://b/r", "REMOTE_DIR": "code"})
+      "WORKDIR": "/gcs/b/r", "REMOTE_DIR": "code"})
   assert flags.returncode == env.returncode == 0, flags.stderr + env.stderr
   assert flags.stdout == env.stdout
   assert "cd code;" in flags.stdout
@@ -265,10 +265,10 @@ def test_tpu_setup_dry_run_from_a_repository(sandbox):
 
 @pytest.mark.parametrize("args,env,message", [
     (("run", "--zone=z", "--name=n", "--config=c.py"), {}, "WORKDIR is not set"),
-    (("run", "--zone=z", "--name=n", "--config=c.py", "--workdir=/local/dir"), {},
-     "WORKDIR must be a GCS path"),
-    (("run", "--zone=z", "--name=n", "--workdir=gs://b/r"), {}, "CONFIG is not set"),
-    (("run", "--name=n", "--config=c.py", "--workdir=gs://b/r"), {}, "ZONE is not set"),
+    (("run", "--zone=z", "--name=n", "--config=c.py", "--workdir=relative/dir"), {},
+     "WORKDIR must be an absolute path"),
+    (("run", "--zone=z", "--name=n", "--workdir=/gcs/b/r"), {}, "CONFIG is not set"),
+    (("run", "--name=n", "--config=c.py", "--workdir=/gcs/b/r"), {}, "ZONE is not set"),
     (("delete", "--zone=z"), {}, "TPU_NAME is not set"),
     (("--zone=z", "--name=n"), {}, "no command given"),
     (("reboot", "--zone=z", "--name=n"), {}, "unknown argument 'reboot'"),
@@ -330,7 +330,7 @@ def test_tpu_run_logs_stop_on_stand_in_workers(sandbox):
     venv_bin.mkdir(parents=True)
     _write_exe(venv_bin / "python", python)
   env = {"FAKE_WORKERS": str(workers)}
-  run_args = ("run", *_TPU, "--config=configs/mimic.py", "--workdir=gs://b/run 1", "--config.train.steps=7")
+  run_args = ("run", *_TPU, "--config=configs/mimic.py", "--workdir=/gcs/b/run 1", "--config.train.steps=7")
   pids = []
   try:
     started = sandbox.run("tpu_vm.sh", *run_args, env=env)
@@ -341,7 +341,7 @@ def test_tpu_run_logs_stop_on_stand_in_workers(sandbox):
       assert _wait_for(lambda: (home / "argv.txt").exists() and pid_file.exists())
       pids.append(int(pid_file.read_text()))
       assert (home / "argv.txt").read_text().splitlines() == [
-          "-m", "convirt_jax.main", "--config=configs/mimic.py", "--workdir=gs://b/run 1",
+          "-m", "convirt_jax.main", "--config=configs/mimic.py", "--workdir=/gcs/b/run 1",
           "--config.train.steps=7"]
       assert _alive(pids[-1])
     # The run outlives the ssh command that started it and refuses a second start.

@@ -157,7 +157,7 @@ def _sample_patient(rng: np.random.Generator) -> dict[str, float]:
       scale=u(0.86, 1.0), shift_x=rng.normal(0, 0.025), shift_y=u(-0.03, 0.06),
       rotation=float(np.clip(rng.normal(0, 2.0), -6, 6)),
       lung_width=u(0.58, 0.70), mediastinum=u(0.08, 0.11), apex=u(-0.80, -0.70),
-      base_right=u(0.40, 0.56), dome=u(0.12, 0.19), heart_ctr=u(0.39, 0.49),
+      base_right=u(0.40, 0.56), dome=u(0.12, 0.19), heart_ctr=u(0.38, 0.48),
       heart_height=u(0.33, 0.40), heart_angle=u(20, 34), heart_right_fraction=u(0.28, 0.38),
       tissue=u(0.85, 1.15), chest_wall=u(0.09, 0.16), rib_spacing=u(0.125, 0.145),
       rib_phase=u(0, 0.4), vessels=u(0.55, 0.8), gamma=u(0.8, 1.25), contrast=u(0.85, 1.15),
@@ -199,13 +199,13 @@ def _sides(rng, p_right: float, p_left: float) -> tuple[str, ...]:
 
 def _sample_cardiomegaly(rng) -> Finding:
   sev = _severity(rng)
-  lo, hi = ((0.53, 0.57), (0.57, 0.62), (0.62, 0.68))[sev]
+  lo, hi = ((0.55, 0.59), (0.59, 0.64), (0.64, 0.70))[sev]
   return Finding("cardiomegaly", sev, (), _uniform(rng, lo, hi, 1))
 
 
 def _sample_effusion(rng) -> Finding:
   sev, sides = _severity(rng), _sides(rng, 0.4, 0.3)
-  lo, hi = ((0.09, 0.15), (0.18, 0.27), (0.30, 0.40))[sev]
+  lo, hi = ((0.13, 0.19), (0.22, 0.3), (0.32, 0.42))[sev]
   return Finding("pleural_effusion", sev, sides, _uniform(rng, lo, hi, len(sides)))
 
 
@@ -214,20 +214,20 @@ def _sample_consolidation(rng) -> Finding:
   weights = np.array([0.15, 0.15, 0.25, 0.15, 0.1, 0.2])
   count = 2 if rng.random() < 0.15 else 1
   lobes = rng.choice(len(LOBES), size=count, replace=False, p=weights)
-  lo, hi = ((0.12, 0.16), (0.16, 0.21), (0.21, 0.27))[sev]
+  lo, hi = ((0.16, 0.2), (0.2, 0.25), (0.25, 0.3))[sev]
   return Finding("consolidation", sev, tuple(LOBES[i] for i in sorted(lobes)),
                  _uniform(rng, lo, hi, count))
 
 
 def _sample_pneumothorax(rng) -> Finding:
   sev = _severity(rng)
-  lo, hi = ((0.045, 0.07), (0.08, 0.12), (0.13, 0.19))[sev]
+  lo, hi = ((0.08, 0.11), (0.12, 0.16), (0.17, 0.23))[sev]
   return Finding("pneumothorax", sev, _sides(rng, 0.5, 0.5), _uniform(rng, lo, hi, 1))
 
 
 def _sample_edema(rng) -> Finding:
   sev = _severity(rng, (0.45, 0.35, 0.2))
-  lo, hi = ((0.14, 0.20), (0.22, 0.30), (0.33, 0.45))[sev]
+  lo, hi = ((0.25, 0.32), (0.33, 0.42), (0.43, 0.55))[sev]
   return Finding("edema", sev, (), _uniform(rng, lo, hi, 1))
 
 
@@ -421,14 +421,10 @@ def render_image(case: Case, image_size: int = 128) -> np.ndarray:
 
   body = _body(g)
   mediastinum = _ramp(g.med + 0.015 - np.abs(x - 0.01), 2 * g.edge) * above
-  carina = g.apex + 0.42 * (g.base("right") - g.apex)
-  trachea = _ramp(0.032 - np.abs(x - 0.005 * (y - g.apex)), g.edge) * _ramp(carina - y, 0.03)
-  for s in (-1, 1):
-    bronchus = _segment_distance(x, y, (0.0, carina - 0.01), (s * 0.09, carina + 0.07))
-    trachea = np.maximum(trachea, 0.6 * _ramp(0.018 - bronchus, g.edge))
   density = p["tissue"] * body * (1 + 0.05 * y)
-  density = density + 0.24 * np.maximum(np.maximum(mediastinum, heart), aortic_knob) - 0.26 * trachea
-  density = density + 0.06 * (1 - above) * body
+  density = density + 0.24 * np.maximum(np.maximum(mediastinum, heart), aortic_knob)
+  density = density - 0.26 * _airways(g) + 0.06 * (1 - above) * body
+  # Less air is traversed towards the bases (diaphragm and soft tissue in front of and behind them).
   density = density - 0.62 * air * (1 - 0.18 * np.clip(y, 0, 1))
   density = density + (layers["vessels"] + parenchyma) * np.clip(air, 0, 1) + layers["extra"]
   density = density + _bones(g) * body + _soft_tissue(g) * body
@@ -441,6 +437,16 @@ def render_image(case: Case, image_size: int = 128) -> np.ndarray:
   noise_rng = np.random.default_rng([*case.entropy, _NOISE_STREAM])
   image = image + p["noise"] * noise_rng.standard_normal(image.shape, dtype=np.float32)
   return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def _airways(g: _Geometry) -> np.ndarray:
+  """The trachea and the two main bronchi: air columns in the mediastinum."""
+  carina = g.apex + 0.42 * (g.base("right") - g.apex)
+  airways = _ramp(0.032 - np.abs(g.x - 0.005 * (g.y - g.apex)), g.edge) * _ramp(carina - g.y, 0.03)
+  for s in (-1, 1):
+    bronchus = _segment_distance(g.x, g.y, (0.0, carina - 0.01), (s * 0.09, carina + 0.07))
+    airways = np.maximum(airways, 0.6 * _ramp(0.018 - bronchus, g.edge))
+  return airways
 
 
 def _vessels(g: _Geometry, rng) -> np.ndarray:
@@ -533,7 +539,7 @@ def _draw_effusion(g, finding, layers, rng):
     # Meniscus: the fluid surface climbs towards the lateral chest wall.
     top = g.base(side) - height - (0.04 + 0.35 * height) * lung["r"] ** 2
     depth = np.clip((g.y - top) / (0.05 + 0.25 * height), 0, 1) ** 0.7
-    opacity = rng.uniform(0.65, 0.85) * depth * _ramp(lung["xm"] - g.med + 0.02, 0.04)
+    opacity = rng.uniform(0.9, 1.0) * depth * _ramp(lung["xm"] - g.med + 0.02, 0.04)
     layers["air"] = layers["air"] * (1 - opacity)
 
 
@@ -546,7 +552,7 @@ def _lobe_side(lobe: str) -> str:
 
 
 def _draw_consolidation(g, finding, layers, rng):
-  density = (0.55, 0.7, 0.85)[finding.severity]
+  density = (0.8, 0.9, 1.0)[finding.severity]
   for lobe, radius in zip(finding.sites, finding.sizes):
     side = _lobe_side(lobe)
     key = "lingula" if lobe == "lingula" else lobe.split()[1]
@@ -566,10 +572,10 @@ def _draw_pneumothorax(g, finding, layers, rng):
   # No lung markings lateral to the visceral pleural line, which shows as a thin white line.
   layers["vessels"] = layers["vessels"] * (1 - gap)
   collapsed = lung["mask"] * _ramp(rim + 0.05 - lung["pleura"], 0.03) * extent - gap
-  layers["air"] = layers["air"] * (1 - 0.15 * collapsed) + 0.3 * gap
+  layers["air"] = layers["air"] * (1 - 0.3 * np.clip(collapsed, 0, 1)) + 0.5 * gap
   width = max(0.008, 0.6 * g.pixel)
   line = lung["mask"] * np.exp(-((lung["pleura"] - rim) / width) ** 2) * extent
-  layers["extra"] = layers["extra"] + 0.25 * line
+  layers["extra"] = layers["extra"] + 0.3 * line
 
 
 def _draw_edema(g, finding, layers, rng):
@@ -589,7 +595,7 @@ def _draw_edema(g, finding, layers, rng):
 
 
 def _draw_atelectasis(g, finding, layers, rng):
-  thickness = (0.018, 0.026, 0.035)[finding.severity]
+  thickness = (0.03, 0.04, 0.05)[finding.severity]
   for side, length in zip(finding.sites, finding.sizes):
     lung = g.lungs[side]
     r0 = rng.uniform(0.35, 0.6)
@@ -600,7 +606,7 @@ def _draw_atelectasis(g, finding, layers, rng):
     along = math.cos(angle) * (g.x - cx) + math.sin(angle) * (g.y - cy)
     across = -math.sin(angle) * (g.x - cx) + math.cos(angle) * (g.y - cy)
     plate = np.exp(-(across / thickness) ** 2) * _ramp(length / 2 - np.abs(along), 0.06)
-    layers["air"] = layers["air"] * (1 - rng.uniform(0.6, 0.8) * plate * lung["mask"])
+    layers["air"] = layers["air"] * (1 - rng.uniform(0.85, 0.95) * plate * lung["mask"])
 
 
 # Cardiomegaly is drawn through the heart size, devices on top of everything by `_devices`.
@@ -616,22 +622,22 @@ def _device_paths(g: _Geometry, finding: Finding) -> list[tuple[np.ndarray, floa
     if device == "endotracheal tube":
       tip = carina - size
       path = _spline([(0.03, -1.15), (0.01, -0.9), (0.0, tip)])
-      paths += [(path, 0.045, 0.12), (path, 0.014, 0.5)]
+      paths += [(path, 0.05, 0.15), (path, 0.02, 0.6)]
     elif device == "enteric tube":
       stomach_y = g.base("left") + 0.2
       path = _spline([(0.02, -1.15), (0.03, carina), (0.06, g.base("left") - 0.05),
                       (g.med + 0.2, stomach_y), (g.med + 0.32, stomach_y - 0.02)])
-      paths += [(path, 0.02, 0.45)]
+      paths += [(path, 0.025, 0.55)]
     elif device == "right internal jugular line":
       path = _spline([(-0.24, -1.15), (-0.14, g.apex - 0.05), (-0.06, carina - 0.2),
                       (-0.04, carina + 0.02)])
-      paths += [(path, 0.015, 0.55)]
+      paths += [(path, 0.02, 0.6)]
     elif device.endswith("picc"):
       s = g.side_sign(device.split()[0])
       path = _spline([(s * (g.lateral_wall + 0.35), g.apex + 0.15),
                       (s * (g.lateral_wall - 0.05), g.apex + 0.05), (s * 0.3, g.apex + 0.1),
                       (s * 0.06, carina - 0.15), (-0.03, carina + 0.03)])
-      paths += [(path, 0.014, 0.55)]
+      paths += [(path, 0.02, 0.6)]
     elif device == "pacemaker":
       gx, gy = 0.5, g.apex + 0.13
       box = np.array([(gx - 0.08, gy - 0.05), (gx + 0.08, gy - 0.05), (gx + 0.08, gy + 0.05),
@@ -642,7 +648,7 @@ def _device_paths(g: _Geometry, finding: Finding) -> list[tuple[np.ndarray, floa
       for end in (atrium, ventricle):
         lead = _spline([(gx - 0.06, gy), (0.2, g.apex + 0.05), (0.02, carina - 0.1),
                         (cx - 0.6 * hw, cy - 0.75 * hh), end])
-        paths += [(lead, 0.01, 0.5)]
+        paths += [(lead, 0.015, 0.6)]
   return paths
 
 
