@@ -400,10 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       "mount it (e.g. gcsfuse) at the same path on every host")
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh()
-  try:
-    local_batch = parallel.local_batch_size(config.train.batch_size, mesh)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  local_batch = parallel.local_batch_size(config.train.batch_size, mesh)  # ConfigError if indivisible
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep,
                                      best_metric=config.checkpoint.keep_best_metric)
@@ -427,9 +424,9 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager) -> dict[str
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
   steps_total = total_steps(config, len(dataset.sources["train"]))
   image_size, text_length = config.data.image_size, config.model.text.max_length
-  optimizer = make_optimizer(config, param_shapes(model, image_size, text_length), steps_total)
-  _announce(describe_parameters(param_shapes(model, image_size, text_length),
-                                config.model.text.frozen_layers))
+  shapes = param_shapes(model, image_size, text_length)
+  optimizer = make_optimizer(config, shapes, steps_total)
+  _announce(describe_parameters(shapes, config.model.text.frozen_layers))
 
   state = init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size, text_length,
                            params_override=pretrained_params(config, text_params))

@@ -61,8 +61,7 @@ class Embedder:
     batches = pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
                                     shard_index=jax.process_index(), shard_count=jax.process_count())
     keys = ["image_features", "image_emb"] + (["text_features", "text_emb"] if with_text else [])
-    out = self._run(batches, keys, len(source), with_images=True, with_text=with_text)
-    return out
+    return self._run(batches, keys, len(source), with_images=True, with_text=with_text)
 
   def texts(self, texts: Sequence[str], tokenizer, config) -> dict[str, np.ndarray]:
     """{"text_features", "text_emb"} of free texts (every process passes the same list)."""
