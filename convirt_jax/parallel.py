@@ -53,6 +53,8 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
   address = distributed_config["coordinator_address"]
   num_processes = int(distributed_config["num_processes"])
   process_id = int(distributed_config["process_id"])
+  # Cross-process collectives for CPU devices (multi-process CPU runs, tests); TPUs and GPUs ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if address:
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ConfigError(

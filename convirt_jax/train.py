@@ -22,7 +22,6 @@ from typing import Any, Callable
 from absl import logging
 import flax
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -402,25 +401,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.train.batch_size, mesh)  # ConfigError if indivisible
   os.makedirs(workdir, exist_ok=True)
+  resume_step = _resume_step(config, workdir)
+  dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
+                                  is_builder_process=parallel.is_main_process())
+  if len(dataset.sources.get("train", ())) == 0:
+    raise DataError(f"the {config.data.name} data set has no train split")
+  # Opened once the config and data are known good: its background threads must not outlive an error.
   manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep,
                                      best_metric=config.checkpoint.keep_best_metric)
   try:
-    return _train_and_evaluate(config, workdir, mesh, local_batch, manager)
+    return _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, resume_step)
   finally:
     manager.close()  # waits for a save in flight, whatever stopped the run
 
 
-def _train_and_evaluate(config, workdir, mesh, local_batch, manager) -> dict[str, Any]:
-  is_main = parallel.is_main_process()
-  resume_step = manager.latest_step() or 0
-  if resume_step:
-    _check_resumable(checkpoints.restore_meta(manager, resume_step)["config"], config, workdir)
+def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """The step a run in `workdir` resumes from (0: a fresh run), after checking the configs agree."""
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    return 0
+  reader = checkpoints.make_manager(workdir, read_only=True)
+  step = reader.latest_step() or 0
+  if step:
+    _check_resumable(checkpoints.restore_meta(reader, step)["config"], config, workdir)
+  reader.close()
+  return step
 
-  dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
-                                  is_builder_process=is_main)
-  if len(dataset.sources.get("train", ())) == 0:
-    raise DataError(f"the {config.data.name} data set has no train split")
-  tokenizer, text_config, text_params = setup_text(config, dataset, workdir)
+
+def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset,
+                        resume_step: int) -> dict[str, Any]:
+  is_main = parallel.is_main_process()
+  tokenizer, text_config, text_params = setup_text(config, dataset, workdir, resuming=resume_step > 0)
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
   steps_total = total_steps(config, len(dataset.sources["train"]))
   image_size, text_length = config.data.image_size, config.model.text.max_length
@@ -502,30 +512,28 @@ def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
   return max(1, int(config.train.epochs * num_train // config.train.batch_size))
 
 
-def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str):
+def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, resuming: bool):
   """The tokenizer, BertConfig and (when initialised from a checkpoint) BERT params of this run.
 
   The tokenizer and BertConfig are written into the workdir, so the run can be loaded (ConVIRT.load,
-  export) without the original checkpoint directory, and a corpus vocabulary is learned once.
+  export) without the original checkpoint directory. A resumed run keeps the tokenizer it was trained
+  with. Every process builds the same tokenizer itself (a corpus vocabulary is deterministic), so no
+  process waits for another.
   """
   text = config.model.text
   tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
   text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
-  if os.path.isdir(tokenizer_dir):  # a resumed run: keep the vocabulary the checkpoint was trained with
+  if resuming:
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+  elif text.tokenizer == "corpus":
+    train = dataset.sources["train"]
+    texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
+    tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=text.max_length)
   else:
-    if parallel.is_main_process():
-      if text.tokenizer == "corpus":
-        # Learned on one process: the WordPiece trainer breaks ties in hash order.
-        train = dataset.sources["train"]
-        texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
-        tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=text.max_length)
-      else:
-        tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer or text.init_from),
-                                              max_length=text.max_length)
-      tokenizer.save(tokenizer_dir)
-    multihost_utils.sync_global_devices("tokenizer saved")
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+    tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer or text.init_from),
+                                          max_length=text.max_length)
+  if parallel.is_main_process() and not resuming:
+    tokenizer.save(tokenizer_dir)
   text_params = None
   if text.init_from:
     text_config, text_params = load_hf_bert(text.init_from)
