@@ -1,9 +1,10 @@
 """Synthetic frontal chest radiographs with faithful radiology reports: the embedded default data set.
 
 Every study is a patient (anatomy, position, exposure) plus a set of findings. The findings are drawn as
-small, local changes of the radiograph (so a randomly initialised network does not already see them)
-and described in a free-text report written from many templates (synonyms, severity, laterality,
-hedging, negations, and incidental sentences that describe nothing visible).
+small, local changes of the radiograph and described in a free-text report written from many templates
+(synonyms, severity, laterality, hedging, negations, and incidental sentences that describe nothing
+visible). Their strength is calibrated by `benchmarks/synthetic_calibration.py`: features of a randomly
+initialised network barely see them with few labels, a network trained on the reports does.
 
 A study is a pure function of (seed, split, index[, category]): each piece of randomness comes from its
 own `np.random.SeedSequence` stream, so studies can be generated in any order or in parallel, the same
