@@ -107,9 +107,10 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   path = prepared_dir(config, data_dir)
   if not _is_built(path):
     if is_builder_process:
+      builder = make_builder(config, data_dir)  # checks the raw data's files and columns first
       print(f"Building the {config.data.name} dataset into {path}", flush=True)
       tfds.disable_progress_bar()
-      make_builder(config, data_dir).download_and_prepare(
+      builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
     else:
       _wait_until_built(path, wait_timeout_s, poll_interval_s)
