@@ -27,5 +27,4 @@ def get_config():
   c.optimizer.schedule = "plateau"
   c.checkpoint.every_steps = 2000
   c.eval.every_steps = 2000
-  c.eval.random_init_baseline = False
   return c
