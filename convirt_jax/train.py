@@ -19,7 +19,6 @@ import signal
 import threading
 from typing import Any, Callable
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -492,6 +491,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset,
         return {}
   finally:
     bar.close()
+    preempted.restore()
   if is_main:
     metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
     report.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
@@ -629,12 +629,18 @@ def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, w
 
 
 class _SigtermFlag:
-  """Set by SIGTERM (preemption); with several processes orbax agrees on the step to stop at."""
+  """Set by SIGTERM (preemption) while training; with several processes orbax agrees on the step to
+  stop at. `restore()` gives SIGTERM back its previous handler."""
 
   def __init__(self):
     self._set = False
+    self._previous = None
     if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._handler)
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handler(self, signum, frame):
     del signum, frame
