@@ -621,7 +621,8 @@ _RESUME_KEYS = ("model", "loss", "data.name", "data.dir", "data.csv", "data.imag
 
 def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
   """Names the first key whose value differs from the run saved in `workdir`."""
-  old, new = _flatten(saved, ""), _flatten(config.to_dict(), "")
+  flatten = lambda tree: flax.traverse_util.flatten_dict(tree, sep=".")
+  old, new = flatten(saved), flatten(config.to_dict())
   for key in sorted(new):
     if key.startswith(_RESUME_KEYS) and _jsonable(old.get(key)) != _jsonable(new[key]):
       raise ConfigError(f"{workdir} holds a run with config.{key}={old.get(key)!r}, this config has "
@@ -659,16 +660,6 @@ def _plateau_to_json(plateau) -> dict[str, float]:
 def _plateau_from_json(template, values: dict[str, float]):
   return type(template)(**{k: jnp.asarray(values[k], jnp.asarray(v).dtype)
                            for k, v in template._asdict().items()})
-
-
-def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def _jsonable(value):
