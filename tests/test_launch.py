@@ -137,13 +137,14 @@ def _shellcheck() -> str | None:
   return shutil.which("shellcheck") or (str(beside_python) if beside_python.exists() else None)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + ("lib.sh",))
 def test_shellcheck_is_clean(script):
   shellcheck = _shellcheck()
   if shellcheck is None:
     pytest.skip("no shellcheck binary on PATH or next to the Python interpreter")
-  result = subprocess.run([shellcheck, "--shell=bash", str(LAUNCH / script)], capture_output=True,
-                          text=True, timeout=60)
+  # -x follows `source launch/lib.sh`, resolved from the repository root.
+  result = subprocess.run([shellcheck, "-x", "--shell=bash", str(LAUNCH / script)], capture_output=True,
+                          text=True, timeout=60, cwd=LAUNCH.parent)
   assert result.returncode == 0, result.stdout + result.stderr
 
 
