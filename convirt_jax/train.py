@@ -430,6 +430,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset,
                         resume_step: int) -> dict[str, Any]:
   is_main = parallel.is_main_process()
   tokenizer, text_config, text_params = setup_text(config, dataset, workdir, resuming=resume_step > 0)
+  pretrained = pretrained_params(config, text_params)  # read once: the start, and the evaluation's baseline
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
   steps_total = total_steps(config, len(dataset.sources["train"]))
   image_size, text_length = config.data.image_size, config.model.text.max_length
@@ -438,7 +439,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset,
   _announce(describe_parameters(shapes, config.model.text.frozen_layers))
 
   state = init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size, text_length,
-                           params_override=pretrained_params(config, text_params))
+                           params_override=pretrained)
   state = parallel.replicate(state, mesh)
   train_iter = iter(pipeline.train_loader(
       dataset.sources["train"], tokenizer, config, local_batch_size=local_batch, seed=config.train.seed,
@@ -496,7 +497,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset,
     metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
     report.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
   _announce("Evaluating (linear probe, retrieval)...")
-  results = evaluate_downstream(config, workdir, model, text_params, state, dataset, tokenizer, mesh,
+  results = evaluate_downstream(config, workdir, model, pretrained, state, dataset, tokenizer, mesh,
                                 steps_total)
   logger.close()
   _announce(f"\n{report.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
@@ -577,18 +578,19 @@ def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[s
   return {f"val/{key}": value / batches for key, value in totals.items()}
 
 
-def evaluate_downstream(config, workdir, model, text_params, state, dataset, tokenizer, mesh,
+def evaluate_downstream(config, workdir, model, pretrained, state, dataset, tokenizer, mesh,
                         steps_total) -> dict[str, Any]:
   """Linear probe and retrieval for ConVIRT and the baselines (random init; ImageNet init if used).
 
   `model` is the training model: in inference mode its BatchNorm uses running statistics and never
-  touches the mesh axis, and reusing it reuses its compiled initialiser.
+  touches the mesh axis, and reusing it reuses its compiled initialiser. `pretrained` holds the
+  torchvision / Hugging Face weights the run started from (the "ImageNet Init." baseline).
   """
   image_size, text_length = config.data.image_size, config.model.text.max_length
   weights = {"ConVIRT": {"params": state["params"], "batch_stats": state["batch_stats"]}}
   if config.model.image.init_from:
     initial = init_train_state(model, optax.identity(), jax.random.key(config.train.seed), image_size,
-                               text_length, params_override=pretrained_params(config, text_params))
+                               text_length, params_override=pretrained)
     weights["ImageNet Init."] = {"params": initial["params"], "batch_stats": initial["batch_stats"]}
   if config.eval.random_init_baseline:
     # Another seed than training's, so the baseline is not the trained model's own starting point.

@@ -184,3 +184,14 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(tmp_path, tfds_dir):
   assert f"Resuming from step {killed_at}" in result.stdout
   assert checkpoints.make_manager(str(workdir), read_only=True).latest_step() == 40
   assert os.path.exists(workdir / "results.json")
+
+
+def test_init_from_a_torchvision_file_adds_the_imagenet_baseline(tmp_path, tfds_dir):
+  from convirt_jax.interop.torchvision_resnet import save_torchvision_resnet  # pylint: disable=g-import-not-at-top
+  from convirt_jax.models.resnet import ResNet  # pylint: disable=g-import-not-at-top
+  weights = ResNet(depth=18, width=0.25).init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
+  save_torchvision_resnet(weights, str(tmp_path / "resnet18.safetensors"))
+  config = tiny(tfds_dir, train__steps=2, eval__every_steps=2)
+  config.model.image.init_from = str(tmp_path / "resnet18.safetensors")
+  results = train.run(config, str(tmp_path / "run"))
+  assert list(results["methods"]) == ["ConVIRT", "ImageNet Init.", "Random Init."]
