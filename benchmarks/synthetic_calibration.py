@@ -31,8 +31,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from convirt_jax import losses
-from convirt_jax.data import reports
-from convirt_jax.data import synthetic
+from convirt_jax.data import radiology_reports
+from convirt_jax.data import synthetic_cxr
 
 WIDTHS = (16, 32, 64, 128)
 EMBED = 128
@@ -43,23 +43,23 @@ def generate(split: str, count: int, seed: int, image_size: int, stored_size: in
   images, labels, texts = [], [], []
   for index in range(count):
     if category is None:
-      study = synthetic.generate_study(seed, split, index, stored_size)
+      study = synthetic_cxr.generate_study(seed, split, index, stored_size)
     else:
-      study = synthetic.generate_category_study(seed, split, index, category(index), stored_size)
+      study = synthetic_cxr.generate_category_study(seed, split, index, category(index), stored_size)
     image = Image.fromarray(study["image"]).resize((image_size, image_size), Image.BILINEAR)
     images.append(np.asarray(image))
     labels.append(study["labels"])
-    texts.append(reports.report_sentences(study["report"]))
+    texts.append(radiology_reports.report_sentences(study["report"]))
   return np.stack(images).astype(np.float32) / 255.0, np.stack(labels), texts
 
 
 def time_generation(sizes=(64, 128, 256), count: int = 50) -> dict[int, float]:
   out = {}
   for size in sizes:
-    synthetic.generate_study(0, "train", 0, size)
+    synthetic_cxr.generate_study(0, "train", 0, size)
     start = time.perf_counter()
     for index in range(count):
-      synthetic.generate_study(1, "train", index, size)
+      synthetic_cxr.generate_study(1, "train", index, size)
     out[size] = (time.perf_counter() - start) / count * 1e3
   return out
 
@@ -181,7 +181,7 @@ def text_to_image_precision(encode_images, encode_texts, images, categories,
   image_emb = np.array(encode_images(images))
   image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
   precision = {}
-  for category, queries in synthetic.RETRIEVAL_TEXT_QUERIES.items():
+  for category, queries in synthetic_cxr.RETRIEVAL_TEXT_QUERIES.items():
     text_emb = np.array(encode_texts(queries))
     text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
     top = np.argsort(-text_emb @ image_emb.T, axis=1)[:, :k]
@@ -238,12 +238,12 @@ def main():
   test_x, test_y, _ = generate("test", args.num_test, args.seed, *sizes)
   per = args.retrieval_per_category
   candidates_x, _, _ = generate("retrieval_candidates", 8 * per, args.seed, *sizes,
-                                category=lambda i: synthetic.LABEL_NAMES[i // per])
-  categories = np.array([synthetic.LABEL_NAMES[i // per] for i in range(8 * per)])
+                                category=lambda i: synthetic_cxr.LABEL_NAMES[i // per])
+  categories = np.array([synthetic_cxr.LABEL_NAMES[i // per] for i in range(8 * per)])
   print(f"generated {len(train_x)} + {len(test_x)} + {len(candidates_x)} studies in "
         f"{time.perf_counter() - start:.1f} s")
   print("label rates (train): " + ", ".join(
-      f"{name} {rate:.2f}" for name, rate in zip(synthetic.LABEL_NAMES, train_y.mean(0))))
+      f"{name} {rate:.2f}" for name, rate in zip(synthetic_cxr.LABEL_NAMES, train_y.mean(0))))
 
   def raw(images):
     small = [np.asarray(Image.fromarray(im).resize((args.raw_size,) * 2, Image.BILINEAR))
@@ -272,7 +272,7 @@ def main():
   for name, variables in (("random", random_variables), ("contrastive", contrastive_variables),
                           ("supervised", supervised_variables)):
     feature_sets[name] = (embed(net, variables, train_x), embed(net, variables, test_x))
-  names = [n[:10] for n in synthetic.LABEL_NAMES]
+  names = [n[:10] for n in synthetic_cxr.LABEL_NAMES]
   print(f"\n{'features':11s} {'frac':>5s} " + " ".join(f"{n:>10s}" for n in names) + "   mean")
   for feature_name, (tr, te) in feature_sets.items():
     for fraction in args.fractions:

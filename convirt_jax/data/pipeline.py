@@ -5,7 +5,8 @@ sentences one per line), "image" uint8 [H, W, 1], "labels" float32 [L]. Host bat
   {"image": uint8 [b, S, S, 3], "input_ids": int32 [b, T], "attention_mask": int32 [b, T],
    "labels": float32 [b, L]}
 and evaluation batches add "mask" bool [b] (False on padding rows) and "index" int32 [b] (the record's
-index in the source, -1 on padding rows).
+index in the source, -1 on padding rows). With `tokenizer=None` the batches are image-only, {"image",
+"labels"} (+ "mask", "index"): the records' text is not read at all (downstream classification sets have none).
 
 Per example a grain transform picks the text and augments the image; strings stay strings through grain's
 Batch so the tokenizer encodes a whole batch in one call (one Rust call per batch instead of b).
@@ -25,19 +26,16 @@ import ml_collections
 import numpy as np
 
 from convirt_jax.data.augment import TrainAugment, eval_transform
+from convirt_jax.data.datasets import as_text
 from convirt_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 Record = Mapping[str, Any]
 
 
-def _as_str(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def record_id(record: Record) -> str:
   """The record's "id" as str, for error messages."""
-  return _as_str(record.get("id", "<no id>"))
+  return as_text(record.get("id", "<no id>"))
 
 
 def _field(record: Record, key: str) -> Any:
@@ -47,9 +45,9 @@ def _field(record: Record, key: str) -> Any:
     raise DataError(f"record {record_id(record)!r} has no {key!r} (keys: {sorted(record)})") from None
 
 
-def report_sentences(record: Record) -> list[str]:
-  """The non-blank lines of the record's "text"; none is bad input."""
-  lines = [line.strip() for line in _as_str(_field(record, "text")).split("\n")]
+def record_sentences(record: Record) -> list[str]:
+  """The non-blank lines of the record's "text" (one sentence each); none is bad input."""
+  lines = [line.strip() for line in as_text(_field(record, "text")).split("\n")]
   lines = [line for line in lines if line]
   if not lines:
     raise DataError(f"record {record_id(record)!r}: \"text\" has no sentence")
@@ -58,7 +56,7 @@ def report_sentences(record: Record) -> list[str]:
 
 def whole_text(record: Record) -> str:
   """All usable sentences joined by a space (evaluation, and training with data.whole_report)."""
-  return " ".join(report_sentences(record))
+  return " ".join(record_sentences(record))
 
 
 def _labels(record: Record, num_labels: int | None = None) -> np.ndarray:
@@ -73,19 +71,23 @@ def _labels(record: Record, num_labels: int | None = None) -> np.ndarray:
 class _TrainExample(grain.transforms.RandomMap):
   """Record -> {"image" uint8 [S, S, 3], "text" str (one random sentence), "labels" float32 [L]}."""
 
-  def __init__(self, augment: TrainAugment, whole_report: bool, num_labels: int):
+  def __init__(self, augment: TrainAugment, whole_report: bool, num_labels: int, with_text: bool = True):
     self._augment = augment
     self._whole_report = whole_report
     self._num_labels = num_labels
+    self._with_text = with_text
 
   def random_map(self, record: Record, rng: np.random.Generator) -> dict[str, Any]:
-    sentences = report_sentences(record)
-    text = " ".join(sentences) if self._whole_report else sentences[rng.integers(len(sentences))]
+    example = {}
+    if self._with_text:
+      sentences = record_sentences(record)
+      example["text"] = (" ".join(sentences) if self._whole_report
+                         else sentences[rng.integers(len(sentences))])
     try:
       image = self._augment(_field(record, "image"), rng)
     except ValueError as e:
       raise DataError(f"record {record_id(record)!r}: {e}") from e
-    return {"image": image, "text": text, "labels": _labels(record, self._num_labels)}
+    return {"image": image, **example, "labels": _labels(record, self._num_labels)}
 
 
 class _Tokenize(grain.transforms.Map):
@@ -100,6 +102,13 @@ class _Tokenize(grain.transforms.Map):
     batch["input_ids"] = np.asarray(tokens["input_ids"], np.int32)
     batch["attention_mask"] = np.asarray(tokens["attention_mask"], np.int32)
     return batch
+
+
+class _DropText(grain.transforms.Map):
+  """An image-only evaluation batch: the (empty) "text" column removed."""
+
+  def map(self, batch: dict[str, Any]) -> Batch:
+    return {k: v for k, v in batch.items() if k != "text"}
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
@@ -135,7 +144,7 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
   Args:
     source: random-access records (`tfds.data_source`, or any sequence of record dicts).
     tokenizer: called on a list of strings, returns int32 "input_ids"/"attention_mask" [N, T]; picklable
-      when config.data.worker_count > 0.
+      when config.data.worker_count > 0. None: image-only batches {"image", "labels"} (fine-tuning).
     config: reads data.image_size, data.whole_report, data.num_threads, data.worker_count and augment.
     local_batch_size: rows per batch on this process.
     seed: non-negative int.
@@ -154,10 +163,14 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
   ds = grain.MapDataset.source(source)[start:start + shard_size]
   ds = ds.seed(_shard_seed(seed, shard_index)).shuffle()
   num_labels = _labels(source[start]).shape[0]
-  ds = ds.random_map(_TrainExample(augment, bool(config.data.whole_report), num_labels))
+  ds = ds.random_map(_TrainExample(augment, bool(config.data.whole_report), num_labels,
+                                   with_text=tokenizer is not None))
   # Batching before repeating keeps each batch inside one epoch, so no record can meet itself as a
   # negative; indices past the first epoch re-seed the shuffle and the augmentation.
-  ds = ds.batch(local_batch_size, drop_remainder=True).map(_Tokenize(tokenizer)).repeat(None)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  if tokenizer is not None:
+    ds = ds.map(_Tokenize(tokenizer))
+  ds = ds.repeat(None)
   ds = ds.to_iter_dataset(_read_options(config))
   workers = int(config.data.worker_count)
   if workers > 0:
@@ -187,11 +200,12 @@ class _EvalExample(grain.transforms.Map):
   """Row (record index or -1) -> {"image", "text", "labels", "mask", "index"}; padding rows are zeros."""
 
   def __init__(self, source: Sequence[Record], size: int, num_labels: int,
-               text_override: Sequence[str] | None):
+               text_override: Sequence[str] | None, with_text: bool = True):
     self._source = source
     self._size = size
     self._num_labels = num_labels
     self._text_override = text_override
+    self._with_text = with_text
 
   def map(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -203,7 +217,10 @@ class _EvalExample(grain.transforms.Map):
       image = eval_transform(_field(record, "image"), self._size)
     except ValueError as e:
       raise DataError(f"record {record_id(record)!r}: {e}") from e
-    text = whole_text(record) if self._text_override is None else self._text_override[index]
+    if not self._with_text:
+      text = ""
+    else:
+      text = whole_text(record) if self._text_override is None else self._text_override[index]
     return {"image": image, "text": text, "labels": _labels(record, self._num_labels), "mask": True,
             "index": np.int32(index)}
 
@@ -218,6 +235,7 @@ def eval_batches(source: Sequence[Record], tokenizer, config: ml_collections.Con
   process runs the same jitted steps on the same shapes.
 
   Args:
+    tokenizer: as `train_loader`'s; None gives image-only batches (no text is read).
     text_override: one text per record of the source, used instead of its "text" (e.g. another prompt).
   Returns:
     An iterator of host batches with "mask" bool [b] and "index" int32 [b] added.
@@ -232,8 +250,10 @@ def eval_batches(source: Sequence[Record], tokenizer, config: ml_collections.Con
   num_labels = _labels(source[0]).shape[0]
   rows = _eval_shard_rows(len(source), batch_size, shard_index, shard_count)
   ds = grain.MapDataset.source(rows).map(
-      _EvalExample(source, int(config.data.image_size), num_labels, text_override))
-  ds = ds.batch(batch_size).map(_Tokenize(tokenizer))
+      _EvalExample(source, int(config.data.image_size), num_labels, text_override,
+                   with_text=tokenizer is not None))
+  ds = ds.batch(batch_size)
+  ds = ds.map(_Tokenize(tokenizer)) if tokenizer is not None else ds.map(_DropText())
   return iter(ds.to_iter_dataset(_read_options(config)))
 
 

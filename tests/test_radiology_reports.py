@@ -1,7 +1,7 @@
 """report_sentences: findings + impression of MIMIC-style and malformed reports, split into sentences."""
 import pytest
 
-from convirt_jax.data.reports import report_sentences, split_sentences
+from convirt_jax.data.radiology_reports import report_sentences, split_sentences
 
 # Written in the style of MIMIC-CXR reports (hard-wrapped at ~78 columns, "___" de-identification).
 STANDARD = """\
