@@ -9,7 +9,7 @@ psums) rather than a speed-up; on a TPU/GPU mesh the same script shows the scali
 
 The loss runs on random [B, 512] embeddings: one device scores the B x B logits directly, N devices run
 it under shard_map, each scoring its B/N rows against the gathered B columns. The train step is the
-real `train.make_train_step` on a small model (ResNet18 at width 1/4 on 64 px, a 2-layer BERT of
+real `steps_lib.make_train_step` on a small model (ResNet18 at width 1/4 on 64 px, a 2-layer BERT of
 width 64, sequences of 32 tokens) at the global batch --step_batch.
 """
 import argparse
@@ -63,7 +63,10 @@ def _loss_times(batch_sizes: list[int], dim: int, repeats: int) -> dict[int, flo
 def _step_time(batch: int, repeats: int) -> tuple[float, float]:
   import jax
   import numpy as np
-  from convirt_jax import parallel, train
+  from convirt_jax import parallel
+  from convirt_jax.training import optimizer as opt_lib
+  from convirt_jax.training import state as state_lib
+  from convirt_jax.training import steps as steps_lib
   from convirt_jax.config import base_config
   from convirt_jax.models.bert import BertConfig
   from convirt_jax.models.convirt import build_model
@@ -77,10 +80,10 @@ def _step_time(batch: int, repeats: int) -> tuple[float, float]:
                            intermediate_size=128, max_position_embeddings=text_length)
   mesh = parallel.make_mesh()
   model = build_model(config, text_config, axis_name=parallel.DATA_AXIS)
-  optimizer = train.make_optimizer(config, train.param_shapes(model, image_size, text_length), 1000)
-  state = train.init_train_state(model, optimizer, jax.random.PRNGKey(0), image_size, text_length)
+  optimizer = opt_lib.make_optimizer(config, state_lib.param_shapes(model, image_size, text_length), 1000)
+  state = state_lib.init_train_state(model, optimizer, jax.random.PRNGKey(0), image_size, text_length)
   state = parallel.replicate(state, mesh)
-  train_step = train.make_train_step(model, optimizer, config, mesh)
+  train_step = steps_lib.make_train_step(model, optimizer, config, mesh)
   rng = np.random.default_rng(0)
   batch_arrays = parallel.shard_batch({
       "image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),

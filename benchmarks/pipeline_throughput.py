@@ -107,17 +107,21 @@ def train_step_consumer(batch_size: int, image_size: int, max_length: int, vocab
   sized text encoder, randomly initialised) on the batch and blocks on it."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import mimic  # pylint: disable=g-import-not-at-top
-  from convirt_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from convirt_jax import parallel
+  from convirt_jax.training import optimizer as opt_lib
+  from convirt_jax.training import state as state_lib
+  from convirt_jax.training import steps as steps_lib
   from convirt_jax.models import BertConfig, build_model  # pylint: disable=g-import-not-at-top
   config = mimic.get_config()
   config.data.image_size, config.model.text.max_length = image_size, max_length
   text_config = BertConfig.from_dict({"vocab_size": vocab_size})  # BERT-base, as ClinicalBERT
   mesh = parallel.make_mesh()
   model = build_model(config, text_config, axis_name=parallel.DATA_AXIS)
-  optimizer = train.make_optimizer(config, train.param_shapes(model, image_size, max_length), 1000)
-  state = {"value": parallel.replicate(train.init_train_state(
+  optimizer = opt_lib.make_optimizer(config, state_lib.param_shapes(model, image_size, max_length), 1000)
+  state = {"value": parallel.replicate(state_lib.init_train_state(
       model, optimizer, jax.random.key(0), image_size, max_length), mesh)}
-  step = train.make_train_step(model, optimizer, config, mesh)
+  step = steps_lib.make_train_step(model, optimizer, config, mesh)
 
   def consume(batch):
     inputs = {k: batch[k] for k in ("image", "input_ids", "attention_mask")}

@@ -1,12 +1,23 @@
-"""The paper's settings: ConVIRT pretraining on MIMIC-CXR-JPG (frontal views, official splits).
+"""ConVIRT pretraining on MIMIC-CXR-JPG (frontal views, official splits) with the paper's model and optimiser.
 
-  python -m convirt_jax.main --config=configs/mimic.py --workdir=gs://BUCKET/convirt/mimic \
+  python -m convirt_jax.main --config=configs/mimic.py --workdir=runs/mimic \
       --config.data.dir=/data/mimic-cxr-jpg --config.model.image.init_from=/data/resnet50-0676ba61.pth
 
-ResNet50 from torchvision's ImageNet weights (a file, or "torchvision" to download them), ClinicalBERT with
-its embeddings and first 6 layers frozen, heads to 512, tau 0.1, lambda 0.75, global batch 32, Adam 1e-4
-with weight decay 1e-6, 224 px, learning rate halved when the validation loss plateaus, best checkpoint
-kept. The data directory is PhysioNet's MIMIC-CXR-JPG layout plus the MIMIC-CXR reports (see README).
+As the paper: ResNet50 from torchvision's ImageNet weights (a file, or "torchvision" to download them),
+ClinicalBERT with its embeddings and first 6 layers frozen, max-pooled token states, heads to 512,
+tau 0.1, lambda 0.75, global batch 32, Adam 1e-4 with weight decay 1e-6, 224 px, one random sentence per
+image, the paper's augmentations, learning rate halved when the validation loss plateaus, and the
+downstream evaluation of the checkpoint with the lowest validation loss.
+
+Where it departs from (or has not been checked against) the paper's protocol:
+- validation: MIMIC-CXR's official "validate" split, every 2,000 steps (checkpoint.every_steps and
+  eval.every_steps); the paper's validation set and interval are not reproduced here;
+- training length: 100 epochs over frontal images (train.epochs), with no early stopping; the paper's
+  unit (a study with one sampled image, about 217k pairs) and stopping rule are not reproduced;
+- precision: train.precision="auto", bfloat16 activations on GPU/TPU (float32 on CPU);
+- the evaluation at the end is this project's (linear probe and retrieval on MIMIC-CXR's test split),
+  not the paper's downstream tables.
+The data directory is PhysioNet's MIMIC-CXR-JPG layout plus the MIMIC-CXR reports (see README).
 """
 from convirt_jax.config import base_config
 

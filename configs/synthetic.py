@@ -58,5 +58,5 @@ def get_config():
   c.checkpoint.every_steps = 500
   c.eval.every_steps = 500
   c.eval.batch_size = 128
-  c.eval.linear_probe.seeds = (0, 1, 2)
+  c.evals.linear_probe.seeds = (0, 1, 2)
   return c

@@ -1,7 +1,7 @@
 """The users' API: load a trained ConVIRT from its workdir and embed images and report text.
 
   from convirt_jax import ConVIRT
-  m = ConVIRT.load("runs/synthetic")            # latest checkpoint; "best" or a step number also work
+  m = ConVIRT.load("runs/synthetic")            # best checkpoint; "latest" or a step number also work
   v = m.encode_images(images)                   # uint8 [N, H, W] or [N, H, W, C], any size -> [N, 512]
   u = m.encode_texts(["No pleural effusion."])  # -> [N, 512]; v @ u.T are cosine similarities
 
@@ -10,21 +10,21 @@ projections, or with `project=False` the encoders' pooled features (2048 for Res
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from convirt_jax import checkpoints
 from convirt_jax.data.augment import eval_transform
+from convirt_jax.evaluate.features import jitted_encoders
 from convirt_jax.errors import CheckpointError
+from convirt_jax.losses import l2_normalize
 from convirt_jax.models.bert import BertConfig
 from convirt_jax.models.convirt import ConVIRTModel, build_model
 from convirt_jax.tokenizer import Tokenizer
+from convirt_jax.training import checkpoints
 
 
 class ConVIRT:
@@ -40,30 +40,23 @@ class ConVIRT:
     self.step = step
 
   @classmethod
-  def load(cls, workdir: str, checkpoint: str | int = "latest") -> "ConVIRT":
-    """Loads the "latest" or "best" (lowest validation loss) checkpoint, or the given step."""
+  def load(cls, workdir: str, checkpoint: str | int = "best") -> "ConVIRT":
+    """Loads a checkpoint of a pretraining run: "best" (lowest validation loss, the default; the latest
+    when no checkpoint has one), "latest" (or "last"), or a step number."""
+    if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+      raise CheckpointError(f"{workdir} is not a convirt_jax pretraining workdir: it has no checkpoints/ "
+                            f"(train first: python -m convirt_jax.main --config=... --workdir={workdir})")
     manager = checkpoints.make_manager(workdir, read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first with "
-                            f"python -m convirt_jax.main --workdir={workdir} ...")
-    if checkpoint == "latest":
-      step = manager.latest_step()
-    elif checkpoint == "best":
-      meta = checkpoints.restore_meta(manager, manager.latest_step())
-      step = checkpoints.best_step(manager, meta["config"]["checkpoint"]["keep_best_metric"])
-      if step is None:
-        raise CheckpointError(f"no checkpoint in {workdir} has a validation metric; use 'latest'")
-    else:
-      step = int(checkpoint)
-      if step not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {workdir}; there are {steps}")
-    config = ml_collections.ConfigDict(checkpoints.restore_meta(manager, step)["config"])
+    try:
+      step = checkpoints.resolve_step(manager, checkpoint)
+      config = ml_collections.ConfigDict(checkpoints.restore_meta(manager, step)["config"])
+    finally:
+      manager.close()
     text_config = BertConfig.from_json_file(os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE))
     tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, checkpoints.TOKENIZER_DIR),
                                           max_length=config.model.text.max_length)
     model = build_model(config, text_config)
-    variables = restore_variables(manager, step, model, config)
+    variables = checkpoints.restore_variables(workdir, step)
     return cls(config, model, variables, tokenizer, text_config, step)
 
   def encode_images(self, images: np.ndarray | Sequence[np.ndarray], *, project: bool = True,
@@ -92,29 +85,15 @@ class ConVIRT:
       features, projection = fn(self.variables, *chunk)
       outputs.append(np.asarray(projection if project else features)[:real])
     out = np.concatenate(outputs) if outputs else np.zeros((0, self.config.model.projection_dim))
-    return _l2_normalize(out) if project else out
+    return l2_normalize(out) if project else out
 
-  @functools.cached_property
+  @property
   def _encode_images_fn(self):
-    return jax.jit(lambda v, x: self.model.apply(v, x, method=ConVIRTModel.encode_images))
+    return jitted_encoders(self.model)[0]
 
-  @functools.cached_property
+  @property
   def _encode_texts_fn(self):
-    return jax.jit(lambda v, ids, mask: self.model.apply(v, ids, mask, method=ConVIRTModel.encode_texts))
-
-
-def restore_variables(manager, step: int, model: ConVIRTModel,
-                      config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"params", "batch_stats"} of a checkpoint, restored onto the default device."""
-  from convirt_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module's deps)
-  optimizer = train.make_optimizer(config, train.param_shapes(
-      model, config.data.image_size, config.model.text.max_length), steps_total=1)
-  abstract = jax.eval_shape(lambda: train.init_train_state(
-      model, optimizer, jax.random.key(0), config.data.image_size, config.model.text.max_length))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  state, _ = checkpoints.restore(manager, step, abstract)
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return jitted_encoders(self.model)[1]
 
 
 def _channels_last(image: np.ndarray) -> np.ndarray:
@@ -129,7 +108,3 @@ def _channels_last(image: np.ndarray) -> np.ndarray:
     # The encoder was trained on grey radiographs: RGB is converted with ITU-R 601 luma (PIL's "L").
     return np.asarray(Image.fromarray(image).convert("L"))[..., None]
   raise ValueError(f"an image must be [H, W] or [H, W, C] with C = 1 or 3; got shape {image.shape}")
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -19,11 +19,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image.depth = 50            # 18 | 34 | 50 | 101
   c.model.image.width = 1.0           # multiplier on torchvision's 64 base channels
   c.model.image.small_stem = False    # 3x3 stride-1 stem, no max-pool: for tiny images/models only
+  # "batch": batch statistics when training (synced over the data axis), running stats updated;
+  # "frozen": running statistics only, never updated (tiny/micro-batches, fine-tuning).
+  c.model.image.batch_norm = "batch"
   c.model.image.init_from = ""        # torchvision .pth/.pt/.safetensors file, "torchvision" (download), ""
   c.model.text = ml_collections.ConfigDict()
   c.model.text.init_from = "emilyalsentzer/Bio_ClinicalBERT"  # HF directory or Hub name; "" = random init
-  # Used when init_from is "": an HF BertConfig as a dict (hidden_size, num_hidden_layers, ...).
-  c.model.text.config = ml_collections.ConfigDict()
+  # Used when init_from is "" (a randomly initialised BERT): an HF BertConfig, BERT-base's by default;
+  # set single keys (--config.model.text.config.num_hidden_layers=2) or the whole dict in a config file.
+  # A random text encoder also needs model.text.tokenizer (e.g. "corpus") and frozen_layers=-1.
+  c.model.text.config = ml_collections.ConfigDict(dict(
+      hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+      max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
   # Directory (or Hub name) with vocab.txt/tokenizer.json; "" = same as init_from; "corpus" = learn a
   # WordPiece vocabulary from the training reports (for a randomly initialised text encoder).
   c.model.text.tokenizer = ""
@@ -39,14 +46,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.image_weight = 0.75          # lambda: weight of the image->text direction
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"           # "synthetic" | "mimic_cxr" | "csv"
-  c.data.dir = ""                     # MIMIC-CXR-JPG root (manual download)
+  # "synthetic" | "mimic_cxr" | "csv" | the downstream sets "rsna" | "chexpert" | "covidx" | "mura"
+  c.data.name = "synthetic"
+  c.data.dir = ""                     # root of a manual download: MIMIC-CXR-JPG, or a downstream set's
   c.data.csv = ""                     # CSV of pairs: image,text[,split][,group][,labels...]
   c.data.label_columns = ()           # CSV label columns
+  # The labels' task: "auto" (the dataset's own: "multilabel", "multiclass"; one label = "binary"),
+  # "binary" | "multilabel" (BCE, AUC per label) | "multiclass" (softmax, accuracy). Read by the transfer job.
+  # CSV of pairs: also how its label columns are read ("binary"/"multilabel": 1/0/-1/blank, other values are
+  # bad_label records; "multiclass": one categorical column); "auto" infers, and stops when the inference
+  # rests on a rare value (builders/csv_pairs.py). Part of the CSV dataset's directory hash.
+  c.data.task = "auto"
   c.data.tfds_dir = ""                # where built TFDS datasets live; "" = <workdir>/tfds
   c.data.image_size = 224             # model input size
   c.data.stored_size = 256            # shorter side images are stored at
-  c.data.frontal_only = True          # MIMIC: PA/AP views only
+  c.data.frontal_only = True          # MIMIC: PA/AP views only; CheXpert: "Frontal" rows only
+  c.data.uncertainty = "zeros"        # CheXpert -1 labels: "zeros" (U-Zeros) | "ones" (U-Ones) | "ignore"
+  c.data.split_seed = 0               # downstream sets: seed of the by-patient validation/test hold-out
   c.data.frontal_views = ("PA", "AP")  # MIMIC ViewPosition values kept when frontal_only
   c.data.strict = False               # stop on the first bad record instead of skipping it
   c.data.whole_report = False         # True: the whole findings+impression instead of one random sentence
@@ -61,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.retrieval_per_category = 40
   c.data.synthetic.retrieval_queries_per_category = 5  # image queries per category
   c.data.synthetic.seed = 0
+  # A mild domain shift of the rendered images (1.0 = the calibrated corpus, bit-identical): scales of
+  # the detector noise and of the exposure contrast (the transfer config uses another seed and a shift).
+  c.data.synthetic.noise_scale = 1.0
+  c.data.synthetic.contrast_scale = 1.0
 
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_scale = (0.6, 1.0)
@@ -77,7 +97,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 0                   # 0 = derive from epochs
   c.train.epochs = 100
   c.train.seed = 0
-  c.train.precision = "float32"       # "float32" | "bfloat16" (activations; params and loss stay f32)
+  # Activation dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU) | "float32" | "bfloat16".
+  # Parameters, optimizer state, BatchNorm/LayerNorm statistics, softmaxes and the loss stay float32.
+  c.train.precision = "auto"
+  # Recompute activations in the backward pass (per ResNet block and BERT layer): less memory, ~1/3
+  # more compute, same numbers.
+  c.train.remat = False
+  # Examples PER DEVICE in one micro-batch (0 = off): the gradient is computed micro-batch by
+  # micro-batch (GradCache), so activation memory follows the micro-batch while the loss still scores
+  # the whole global batch; ~1/3 more compute. Must divide the per-device batch (train.batch_size /
+  # devices). In training mode BatchNorm statistics are then per micro-batch (ghost batch norm, as with
+  # gradient accumulation elsewhere); use model.image.batch_norm="frozen" for an exact equivalence.
+  c.train.microbatch_size = 0
   c.train.log_every_steps = 10
 
   c.optimizer = ml_collections.ConfigDict()
@@ -98,16 +129,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 1000           # validation loss
   c.eval.batch_size = 64
   c.eval.random_init_baseline = True  # also evaluate a randomly initialised encoder
-  c.eval.linear_probe = ml_collections.ConfigDict()
-  c.eval.linear_probe.fractions = (0.01, 0.1, 1.0)
-  c.eval.linear_probe.seeds = (0, 1, 2)
-  c.eval.linear_probe.c_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried on validation
-  c.eval.linear_probe.default_c = 1.0  # used when there is no validation split
-  c.eval.linear_probe.max_iter = 1000  # L-BFGS iterations per fit
-  c.eval.linear_probe.min_train = 10   # smallest training subset, whatever the fraction
-  c.eval.linear_probe.max_train_examples = 0  # 0 = the whole training split
-  c.eval.retrieval = ml_collections.ConfigDict()
-  c.eval.retrieval.k = (5, 10, 50)
+
+  # The evaluations at the end of the run, each by the evaluator module of its name (evaluate/*.py).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.linear_probe = ml_collections.ConfigDict()
+  c.evals.linear_probe.fractions = (0.01, 0.1, 1.0)
+  c.evals.linear_probe.seeds = (0, 1, 2)
+  c.evals.linear_probe.c_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried on validation
+  c.evals.linear_probe.default_c = 1.0  # used when there is no validation split
+  c.evals.linear_probe.max_iter = 1000  # L-BFGS iterations per fit
+  c.evals.linear_probe.min_train = 10   # smallest training subset, whatever the fraction
+  c.evals.linear_probe.max_train_examples = 0  # 0 = the whole training split
+  c.evals.retrieval = ml_collections.ConfigDict()
+  c.evals.retrieval.k = (5, 10, 50)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "" = auto-detect (Cloud TPU, SLURM) or single process
@@ -117,10 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "data.name": ("synthetic", "mimic_cxr", "csv"),
+    "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
+    "data.uncertainty": ("zeros", "ones", "ignore"),
+    "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "model.image.depth": (18, 34, 50, 101),
     "model.text.pooling": ("max", "mean", "cls"),
-    "train.precision": ("float32", "bfloat16"),
+    "model.image.batch_norm": ("batch", "frozen"),
+    "train.precision": ("auto", "float32", "bfloat16"),
+    "train.remat": (False, True),
     "optimizer.schedule": ("constant", "cosine", "plateau"),
 }
 _POSITIVE = ("model.image.width", "model.text.max_length", "model.projection_dim",
@@ -145,21 +183,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={get(key)!r}: must be > 0")
   if not 0.0 <= config.loss.image_weight <= 1.0:
     raise ConfigError(f"config.loss.image_weight={config.loss.image_weight}: must be in [0, 1]")
+  if not isinstance(config.train.microbatch_size, int) or config.train.microbatch_size < 0:
+    raise ConfigError(f"config.train.microbatch_size={config.train.microbatch_size!r}: must be an "
+                      "integer >= 0 (0 = off) dividing the per-device batch")
+  if config.train.microbatch_size and config.train.batch_size % config.train.microbatch_size:
+    raise ConfigError(f"config.train.microbatch_size={config.train.microbatch_size} must divide the "
+                      f"per-device batch, so also config.train.batch_size={config.train.batch_size}")
   if config.train.steps <= 0 and config.train.epochs <= 0:
     raise ConfigError("config.train.steps and config.train.epochs are both 0: set one of them")
   if config.data.name == "csv" and not config.data.csv:
     raise ConfigError("config.data.csv is empty: give the CSV of pairs (--config.data.csv=/path/pairs.csv)")
+  if config.data.name in ("rsna", "chexpert", "covidx", "mura") and not config.data.dir:
+    raise ConfigError(f"config.data.dir is empty: give the directory of the {config.data.name} download "
+                      "(--config.data.dir=/path/to/it)")
   if config.data.name == "mimic_cxr" and not config.data.dir:
     raise ConfigError("config.data.dir is empty: give the MIMIC-CXR-JPG directory "
                       "(--config.data.dir=/path/to/mimic-cxr-jpg)")
   text = config.model.text
   if not text.init_from:
-    if not text.config.to_dict():
+    bert = text.config.to_dict()
+    if "num_hidden_layers" not in bert or "hidden_size" not in bert:
       raise ConfigError("config.model.text.init_from is empty, so config.model.text.config must describe "
                         "the BERT to initialise randomly (hidden_size, num_hidden_layers, ...)")
     if not text.tokenizer:
       raise ConfigError("config.model.text.init_from is empty, so config.model.text.tokenizer must name a "
                         "tokenizer directory, or \"corpus\" to learn one from the training reports")
+    if text.frozen_layers > bert["num_hidden_layers"]:
+      raise ConfigError(f"config.model.text.frozen_layers={text.frozen_layers} exceeds the "
+                        f"{bert['num_hidden_layers']} layers of the randomly initialised BERT "
+                        "(model.text.config.num_hidden_layers); a random encoder has nothing worth "
+                        "freezing: set --config.model.text.frozen_layers=-1")
+    if text.max_length > bert.get("max_position_embeddings", 512):
+      raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
+                        f"max_position_embeddings={bert.get('max_position_embeddings', 512)}")
   for lo_hi in ("augment.crop_scale", "augment.scale", "augment.brightness", "augment.contrast",
                 "augment.blur_sigma"):
     lo, hi = get(lo_hi)

@@ -23,3 +23,12 @@ class CheckpointError(UserError, ValueError):
 class TrainingDiverged(UserError, FloatingPointError):
   """The loss became NaN or inf; the last good checkpoint is kept."""
 
+
+
+class WeightsNotFound(CheckpointError, FileNotFoundError):
+  """Pretrained weights or a tokenizer that are not where the config says, or cannot be fetched."""
+
+
+class NothingToEvaluate(UserError, ValueError):
+  """An evaluation the data cannot support (e.g. a label with one class in the test split): the
+  evaluation is skipped and the reason reported; the run is never lost for it."""

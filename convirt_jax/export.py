@@ -1,10 +1,14 @@
 """Exports a trained ConVIRT to PyTorch: a torchvision ResNet, a Hugging Face BertModel and the heads.
 
-  python -m convirt_jax.export --workdir=runs/synthetic --output=exported [--checkpoint=best]
+  python -m convirt_jax.export --workdir=runs/synthetic --output=exported [--checkpoint=best] [--overwrite]
 
-Writes into --output:
+Writes into --output (all at once: the files are written into a temporary directory beside it, which
+is renamed into place, so an interrupted export leaves no half-written output; an existing --output is
+only replaced with --overwrite):
   image_encoder.safetensors, image_encoder.pt  torchvision state dict (load into resnetNN() with
-                                               fc = torch.nn.Identity(), strict=True)
+                                               fc = torch.nn.Identity(), strict=True; a narrow or
+                                               small-stem ResNet into the torchvision ResNet that the
+                                               README's `convirt_resnet` builds)
   text_encoder/                                Hugging Face BertModel directory with its tokenizer
   projection_heads.safetensors                 image_head.{0,2}.{weight,bias}, text_head.{0,2}.{...}:
                                                nn.Sequential(Linear, ReLU, Linear) state dicts
@@ -13,15 +17,23 @@ Writes into --output:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import textwrap
+
+import importlib.util
 
 from absl import app
 from absl import flags
 import numpy as np
 
+from convirt_jax.models.resnet import base_channels
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the PyTorch files into.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", '"latest", "best" or a step number.')
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", '"best" (lowest validation loss), "latest" or a '
+                                  "step number.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 
 
 def projection_heads_state_dict(params) -> dict[str, np.ndarray]:
@@ -35,32 +47,56 @@ def projection_heads_state_dict(params) -> dict[str, np.ndarray]:
   return out
 
 
-def export(model, output_dir: str) -> None:
+def export(model, output_dir: str, overwrite: bool = False) -> None:
   """Writes the files listed in this module's docstring for a loaded `convirt_jax.ConVIRT`."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from convirt_jax.interop import hf_bert, torchvision_resnet  # pylint: disable=g-import-not-at-top
 
-  image_cfg = model.config.model.image
-  if image_cfg.width != 1.0 or image_cfg.small_stem:
-    # Still exported (the weights are valid), but only convirt_jax's ResNet can load them.
-    print(f"note: model.image.width={image_cfg.width}, small_stem={image_cfg.small_stem} is not a "
-          "torchvision architecture; image_encoder.* will not load into torchvision.models.resnetNN()")
-  os.makedirs(output_dir, exist_ok=True)
-  variables = {"params": model.variables["params"]["image"],
-               "batch_stats": model.variables["batch_stats"]["image"]}
-  torchvision_resnet.save_torchvision_resnet(variables, os.path.join(output_dir, "image_encoder.safetensors"))
-  torchvision_resnet.save_torchvision_resnet(variables, os.path.join(output_dir, "image_encoder.pt"))
-  hf_bert.save_hf_bert(model.text_config, model.variables["params"]["text"],
-                       os.path.join(output_dir, "text_encoder"), tokenizer_from=model.tokenizer)
-  safetensors.numpy.save_file(projection_heads_state_dict(model.variables["params"]),
-                              os.path.join(output_dir, "projection_heads.safetensors"))
-  with open(os.path.join(output_dir, "README.md"), "w") as f:
-    f.write(readme(model))
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not overwrite:
+    raise FileExistsError(f"--output={output_dir} exists: choose another directory or pass --overwrite")
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+  try:
+    variables = {"params": model.variables["params"]["image"],
+                 "batch_stats": model.variables["batch_stats"]["image"]}
+    torchvision_resnet.save_torchvision_resnet(variables, os.path.join(staging, "image_encoder.safetensors"))
+    torchvision_resnet.save_torchvision_resnet(variables, os.path.join(staging, "image_encoder.pt"))
+    hf_bert.save_hf_bert(model.text_config, model.variables["params"]["text"],
+                         os.path.join(staging, "text_encoder"), tokenizer_from=model.tokenizer)
+    safetensors.numpy.save_file(projection_heads_state_dict(model.variables["params"]),
+                                os.path.join(staging, "projection_heads.safetensors"))
+    with open(os.path.join(staging, "README.md"), "w") as f:
+      f.write(readme(model))
+    _user_file_modes(staging)
+    if os.path.exists(output_dir):
+      shutil.rmtree(output_dir)
+    os.rename(staging, output_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _user_file_modes(directory: str) -> None:
+  """The modes the user's umask gives new files (safetensors writes 0600, mkdtemp makes 0700)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def readme(model) -> str:
   c = model.config
   depth = c.model.image.depth
+  image = c.model.image
+  if image.width == 1.0 and not image.small_stem:
+    build_resnet = f"resnet = torchvision.models.resnet{depth}()\n    resnet.fc = torch.nn.Identity()"
+  else:  # not a torchvision preset: the same ResNet class with convirt_jax's widths and stem
+    build_resnet = _narrow_resnet_code(depth, base_channels(image.width), image.small_stem)
   return textwrap.dedent(f"""\
     # ConVIRT encoders exported from convirt_jax (step {model.step})
 
@@ -77,8 +113,7 @@ def readme(model) -> str:
     from safetensors.torch import load_file
 
     d = "."  # this directory
-    resnet = torchvision.models.resnet{depth}()
-    resnet.fc = torch.nn.Identity()
+    {build_resnet}
     resnet.load_state_dict(load_file(f"{{d}}/image_encoder.safetensors"), strict=True)
     bert = transformers.BertModel.from_pretrained(f"{{d}}/text_encoder")
     tokenizer = transformers.BertTokenizerFast.from_pretrained(f"{{d}}/text_encoder")
@@ -125,6 +160,29 @@ def readme(model) -> str:
     """)
 
 
+def _narrow_resnet_code(depth: int, base: int, small_stem: bool) -> str:
+  block, layers = {18: ("BasicBlock", [2, 2, 2, 2]), 34: ("BasicBlock", [3, 4, 6, 3]),
+                   50: ("Bottleneck", [3, 4, 6, 3]), 101: ("Bottleneck", [3, 4, 23, 3])}[depth]
+  stem = ("torch.nn.Conv2d(3, base, 3, 1, 1, bias=False)" if small_stem
+          else "torch.nn.Conv2d(3, base, 7, 2, 3, bias=False)")
+  lines = [
+      f"# ResNet{depth} with {base} base channels{' and a 3x3 stride-1 stem without max-pool' if small_stem else ''}",
+      "from torchvision.models.resnet import ResNet, BasicBlock, Bottleneck",
+      f"resnet, base = ResNet({block}, {layers}), {base}",
+      f"resnet.inplanes, resnet.conv1, resnet.bn1 = base, {stem}, torch.nn.BatchNorm2d(base)",
+  ]
+  if small_stem:
+    lines.append("resnet.maxpool = torch.nn.Identity()")
+  lines += [
+      f"resnet.layer1 = resnet._make_layer({block}, base, {layers[0]})",
+      f"resnet.layer2 = resnet._make_layer({block}, base * 2, {layers[1]}, stride=2)",
+      f"resnet.layer3 = resnet._make_layer({block}, base * 4, {layers[2]}, stride=2)",
+      f"resnet.layer4 = resnet._make_layer({block}, base * 8, {layers[3]}, stride=2)",
+      "resnet.fc = torch.nn.Identity()",
+  ]
+  return "\n    ".join(lines)
+
+
 def _pooling_line(kind: str) -> str:
   return {
       "max": "pooled = hidden.masked_fill(~valid, float('-inf')).amax(dim=1)",
@@ -136,16 +194,19 @@ def _pooling_line(kind: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
   from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("torch") is None:
+    raise SystemExit("error: export writes image_encoder.pt with PyTorch: pip install torch")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the one line that matters
+  output = os.path.abspath(_OUTPUT.value)
+  if os.path.exists(output) and not _OVERWRITE.value:
+    raise SystemExit(f"error: --output={output} exists: choose another directory or pass --overwrite")
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    raise SystemExit("error: export writes image_encoder.pt with PyTorch: pip install torch") from None
-  checkpoint = _CHECKPOINT.value
-  try:
-    model = ConVIRT.load(_WORKDIR.value, int(checkpoint) if checkpoint.isdigit() else checkpoint)
-    export(model, _OUTPUT.value)
+    model = ConVIRT.load(_WORKDIR.value, _CHECKPOINT.value)
+    export(model, output, overwrite=_OVERWRITE.value)
   except UserError as e:
     raise SystemExit(f"error: {e}") from None
   print(f"exported step {model.step} of {_WORKDIR.value} to {_OUTPUT.value}")

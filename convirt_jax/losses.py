@@ -12,6 +12,7 @@ value equals the single-device loss on the concatenated batch. Gradients flow ba
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # torch.nn.functional.normalize's default: a zero vector stays zero instead of becoming NaN.
@@ -21,8 +22,14 @@ _NORM_EPS = 1e-12
 _MASKED_LOGIT = -1e9
 
 
-def l2_normalize(x: jax.Array, eps: float = _NORM_EPS) -> jax.Array:
-  """x / max(||x||, eps) along the last axis, like torch.nn.functional.normalize."""
+def l2_normalize(x, eps: float = _NORM_EPS):
+  """x / max(||x||, eps) along the last axis, like torch.nn.functional.normalize.
+
+  The project's one L2 normalisation: a jax array stays on its device (and differentiable), a numpy
+  array stays numpy in its own precision (the API's outputs, float64 retrieval scores).
+  """
+  if isinstance(x, np.ndarray):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
   # Clamping the squared norm keeps the gradient finite at x = 0 (sqrt has an infinite slope there).
   squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))

@@ -1,4 +1,4 @@
-"""Pretrains ConVIRT, evaluates it and writes everything into the workdir.
+"""Pretrains ConVIRT, evaluates it and writes everything into the workdir (the job is `pretrain.run`).
 
   python -m convirt_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m convirt_jax.main --config=configs/mimic.py --workdir=runs/mimic --config.data.dir=/data/mimic
@@ -39,7 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that --help and flag errors are instant.
-  from convirt_jax import train  # pylint: disable=g-import-not-at-top
+  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top
   from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS["verbosity"].present:
@@ -50,7 +50,15 @@ def main(argv):
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   try:
-    train.run(_CONFIG.value, workdir)
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.devices()  # start the backend now: a missing GPU is one line, not a traceback from deep inside
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    sys.exit(f"error: JAX could not start its {platforms or 'default'} backend ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}). Is a GPU/TPU visible to this process? "
+             "To run on the CPU, unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu).")
+  try:
+    pretrain.run(_CONFIG.value, workdir)
   except UserError as e:
     # A problem with the user's config, data or checkpoints: the message says what to do; no traceback.
     sys.exit(f"error: {e}")

@@ -14,6 +14,8 @@ import numpy as np
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 
+from convirt_jax.errors import WeightsNotFound
+
 _SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _DEFAULT_SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                      "cls_token": "[CLS]", "mask_token": "[MASK]"}
@@ -94,7 +96,7 @@ class Tokenizer:
     elif os.path.isfile(vocab_txt):
       vocab = tokenizers.models.WordPiece.read_file(vocab_txt)
     else:
-      raise FileNotFoundError(f"{directory!r} has neither tokenizer.json nor vocab.txt.")
+      raise WeightsNotFound(f"{directory!r} has neither tokenizer.json nor vocab.txt.")
     return cls(vocab, max_length=max_length, do_lower_case=config.get("do_lower_case", True),
                strip_accents=config.get("strip_accents"),
                tokenize_chinese_chars=config.get("tokenize_chinese_chars", True), **specials)

@@ -22,7 +22,7 @@ root ($REPO_ROOT). With --setup and neither --config nor --workdir, only install
 
 Options; each can also be given as the environment variable in brackets:
   --config=FILE       [CONFIG]      config file, e.g. configs/mimic.py
-  --workdir=DIR       [WORKDIR]     output directory (local path or gs://...)
+  --workdir=DIR       [WORKDIR]     output directory (a local path)
   --setup             [SETUP=1]     first create the venv (if absent), install requirements.txt + jax[cudaNN]
   --cuda=auto|12|13   [CUDA_MAJOR]  CUDA wheels for --setup; auto: 13 when the driver is >= 580, else 12
   --venv=DIR          [VENV]        virtualenv to create and run with (default: REPO/.venv)

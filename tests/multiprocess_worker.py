@@ -26,7 +26,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from convirt_jax import parallel, train  # noqa: E402
+from convirt_jax import parallel  # noqa: E402
+from convirt_jax.training import optimizer as opt_lib  # noqa: E402
+from convirt_jax.training import state as state_lib  # noqa: E402
+from convirt_jax.training import steps as steps_lib  # noqa: E402
 from convirt_jax.config import base_config  # noqa: E402
 from convirt_jax.models.bert import BertConfig  # noqa: E402
 from convirt_jax.models.convirt import build_model  # noqa: E402
@@ -82,8 +85,8 @@ def global_batch(seed: int = 0, batch_size: int = GLOBAL_BATCH) -> dict[str, np.
 def _model_and_optimizer(config_json: str):
   config = ml_collections.ConfigDict(json.loads(config_json))
   model = build_model(config, TINY_BERT, axis_name=parallel.DATA_AXIS)
-  shapes = train.param_shapes(model, IMAGE_SIZE, TEXT_LENGTH)
-  return model, train.make_optimizer(config, shapes, STEPS_TOTAL)
+  shapes = state_lib.param_shapes(model, IMAGE_SIZE, TEXT_LENGTH)
+  return model, opt_lib.make_optimizer(config, shapes, STEPS_TOTAL)
 
 
 def model_and_optimizer(config: ml_collections.ConfigDict):
@@ -94,7 +97,7 @@ def model_and_optimizer(config: ml_collections.ConfigDict):
 def _initial_variables(config_json: str) -> dict[str, np.ndarray]:
   config = ml_collections.ConfigDict(json.loads(config_json))
   model, optimizer = _model_and_optimizer(config_json)
-  state = train.init_train_state(model, optimizer, jax.random.PRNGKey(config.train.seed), IMAGE_SIZE,
+  state = state_lib.init_train_state(model, optimizer, jax.random.PRNGKey(config.train.seed), IMAGE_SIZE,
                                  TEXT_LENGTH)
   return {**flat(state["params"], "params/"), **flat(state["batch_stats"], "batch_stats/"),
           "rng": np.asarray(state["rng"])}
@@ -105,7 +108,7 @@ def initial_variables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray
   return _initial_variables(config.to_json())
 
 
-def state_from_variables(variables: dict[str, np.ndarray], optimizer) -> train.State:
+def state_from_variables(variables: dict[str, np.ndarray], optimizer) -> state_lib.State:
   """A fresh train state from flattened variables (copied, so that donation never touches them)."""
   def nested(prefix):
     return flax.traverse_util.unflatten_dict(
@@ -142,7 +145,7 @@ def step_results(state, metrics) -> dict[str, np.ndarray]:
 def _train_step(config_json: str, mesh):
   config = ml_collections.ConfigDict(json.loads(config_json))
   model, optimizer = _model_and_optimizer(config_json)
-  return train.make_train_step(model, optimizer, config, mesh)
+  return steps_lib.make_train_step(model, optimizer, config, mesh)
 
 
 def train_step_for(config: ml_collections.ConfigDict, mesh):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from convirt_jax import ConVIRT, export, train
+from convirt_jax import ConVIRT, export, pretrain
 from convirt_jax.errors import CheckpointError
 import tiny_config
 
@@ -18,15 +18,18 @@ TEXTS = ["Moderate left pleural effusion.", "No acute cardiopulmonary process.",
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A short run of a real torchvision resnet18 (width 1, standard stem) and a 2-layer BERT."""
+  """A short run of the embedded default's model and schedule, shrunk: a quarter-width ResNet18 (not a
+  torchvision preset, so the export builds it), a 2-layer BERT, warm-up + cosine (the schedule that
+  once broke loading)."""
   config = tiny_config.get_config()
   config.data.tfds_dir = str(tmp_path_factory.mktemp("tfds"))
-  config.model.image.width = 1.0
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 1
   config.train.steps = 2
   config.eval.every_steps = 2
   config.eval.random_init_baseline = False
   path = str(tmp_path_factory.mktemp("run"))
-  train.run(config, path)
+  pretrain.run(config, path)
   return path
 
 
@@ -38,13 +41,14 @@ def _images(n=3, seed=0):
 def test_load_and_encode(workdir):
   model = ConVIRT.load(workdir)
   assert model.step == 2
-  assert ConVIRT.load(workdir, "best").step == 2
+  for name in ("best", "latest", "last", "LAST", 2, "2"):
+    assert ConVIRT.load(workdir, name).step == 2
   v = model.encode_images(_images())
   u = model.encode_texts(TEXTS)
   assert v.shape == (3, 16) and u.shape == (4, 16)
   np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-5)
-  assert model.encode_images(_images(), project=False).shape == (3, 512)
+  assert model.encode_images(_images(), project=False).shape == (3, 128)  # ResNet18 x 0.25
   assert model.encode_texts(TEXTS, project=False).shape == (4, 32)
   # [H, W], [H, W, 1] and grey [H, W, 3] give the same embedding; batching does not matter.
   grey = _images(1)[0]
@@ -58,40 +62,57 @@ def test_load_and_encode(workdir):
 
 
 def test_load_errors(workdir, tmp_path):
-  with pytest.raises(CheckpointError, match="no checkpoint"):
+  with pytest.raises(CheckpointError, match="not a convirt_jax pretraining workdir"):
     ConVIRT.load(str(tmp_path))
   with pytest.raises(CheckpointError, match="step 7"):
     ConVIRT.load(workdir, 7)
+  with pytest.raises(CheckpointError, match="'newest'.*'best', 'latest'"):
+    ConVIRT.load(workdir, "newest")
 
 
-def _readme_code(readme: str) -> str:
-  return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+def _readme_block(text: str, after: str, language: str) -> str:
+  """The first fenced code block of `language` after the line containing `after`."""
+  return re.search(rf"```{language}\n(.*?)```", text[text.index(after):], re.S).group(1)
 
 
-def test_exported_files_reproduce_the_embeddings_in_pytorch(workdir, tmp_path):
+def test_the_readme_python_example_runs(workdir):
+  """The README's API snippet, verbatim but for the workdir, on a run with the default's schedule."""
+  code = _readme_block(open(os.path.join(REPO, "README.md")).read(), "### Python API", "python")
+  assert 'ConVIRT.load("runs/synthetic")' in code
+  namespace = {}
+  exec(compile(code.replace("runs/synthetic", workdir), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  v, u, features = namespace["v"], namespace["u"], namespace["features"]
+  assert v.shape[1] == u.shape[1] == 16 and features.shape == (v.shape[0], 128)
+  np.testing.assert_allclose(namespace["similarity"], v @ u.T)
+  assert np.abs(namespace["similarity"]).max() <= 1 + 1e-5
+
+
+def test_the_readme_export_command_reproduces_the_embeddings_in_pytorch(workdir, tmp_path):
+  """The README's export command, then the exported README's own PyTorch code, against convirt_jax."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  out = tmp_path / "exported"
-  result = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={workdir}",
-                           f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  command = _readme_block(open(os.path.join(REPO, "README.md")).read(), "### Python API", "bash")
+  command = command.split("#")[0].strip().replace("runs/synthetic", workdir).replace("=exported", f"={tmp_path}/exported")
+  assert command.startswith("python -m convirt_jax.export"), command
+  result = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / "exported"
   for name in ("image_encoder.safetensors", "image_encoder.pt", "projection_heads.safetensors",
                "README.md", "text_encoder/config.json", "text_encoder/model.safetensors",
                "text_encoder/vocab.txt"):
     assert (out / name).exists(), name
-
-  # The .pt state dict loads strictly into torchvision too.
-  resnet = torchvision.models.resnet18()
-  resnet.fc = torch.nn.Identity()
-  resnet.load_state_dict(torch.load(out / "image_encoder.pt", weights_only=True), strict=True)
+    assert (out / name).stat().st_mode & 0o044 == 0o044, f"{name} is not readable by group and others"
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported")], "staging left behind"
   _, info = transformers.BertModel.from_pretrained(out / "text_encoder", output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
 
-  # Run the README's own code, as a user would, and compare with convirt_jax.
+  # Run the exported README's own code, as a user would, and compare with convirt_jax.
   namespace = {}
-  code = _readme_code((out / "README.md").read_text()).replace('d = "."', f'd = "{out}"')
+  code = _readme_block((out / "README.md").read_text(), "#", "python").replace('d = "."', f'd = "{out}"')
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  # Its ResNet (the quarter-width one) took the .pt file strictly as well.
+  namespace["resnet"].load_state_dict(torch.load(out / "image_encoder.pt", weights_only=True), strict=True)
   model = ConVIRT.load(workdir)
   images = _images()
   torch_v = namespace["encode_images"](images).numpy()
@@ -99,13 +120,24 @@ def test_exported_files_reproduce_the_embeddings_in_pytorch(workdir, tmp_path):
   np.testing.assert_allclose(torch_v, model.encode_images(images), atol=1e-4)
   np.testing.assert_allclose(torch_u, model.encode_texts(TEXTS), atol=1e-4)
 
+  # An existing output is refused without --overwrite, and replaced whole with it.
+  again = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={workdir}",
+                          f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+  (out / "stale.txt").write_text("from an older export")
+  again = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={workdir}",
+                          f"--output={out}", "--overwrite", "--checkpoint=last"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert not (out / "stale.txt").exists() and (out / "README.md").exists()
+
 
 def test_export_of_a_missing_workdir_is_a_clear_error(tmp_path):
   result = subprocess.run([sys.executable, "-m", "convirt_jax.export", f"--workdir={tmp_path}",
                            f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-  assert result.returncode != 0 and "no checkpoint" in result.stderr
-  assert "Traceback" not in result.stderr
+  assert result.returncode != 0 and "no checkpoints/" in result.stderr
+  assert "Traceback" not in result.stderr and "INFO" not in result.stderr
   assert not (tmp_path / "out").exists()
 
 

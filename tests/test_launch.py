@@ -302,7 +302,8 @@ def test_tpu_create_reuses_an_existing_slice_and_refuses_a_preempted_one(sandbox
   assert preempted.returncode != 0 and "preempted" in preempted.stderr
 
 
-def _wait_for(predicate, seconds: float = 10.0) -> bool:
+def _wait_for(predicate, seconds: float = 300.0) -> bool:
+  # A deadline only against a hang; generous, because a busy machine is slow.
   deadline = time.monotonic() + seconds
   while time.monotonic() < deadline:
     if predicate():

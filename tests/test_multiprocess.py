@@ -86,5 +86,8 @@ def test_two_processes_equal_one(tmp_path):
   print("2 processes x 4 devices vs 1 device:", diffs)
   for kind in ("metrics", "gradient", "batch_stats", "params"):
     assert diffs[kind] <= 1e-5, (kind, diffs)
+  # The stated exemption (README): a parameter whose gradient is below 1e-7 may differ by up to
+  # 2 * lr (Adam's first step is lr * g / (|g| + eps)), and at most 1 in 10^4 of them beyond 1e-5.
+  assert diffs["params_below_grad_floor"] <= 2 * config.optimizer.lr, diffs
   assert diffs["entries_beyond_atol"] <= 1e-4 * sum(
       v.size for k, v in reference.items() if k.startswith("params/"))

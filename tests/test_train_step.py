@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import multiprocess_worker as tiny
-from convirt_jax import losses, parallel, train
+from convirt_jax import losses, parallel
+from convirt_jax.training import optimizer as opt_lib
+from convirt_jax.training import state as state_lib
+from convirt_jax.training import steps as steps_lib
 from convirt_jax.config import base_config
 from convirt_jax.models.convirt import ConVIRTModel, ProjectionHead, build_model
 
@@ -93,6 +96,9 @@ def test_train_step_8_devices_equals_1_device(config, results8):
   print("8 devices vs 1:", diffs)
   for kind in ("metrics", "gradient", "batch_stats", "params"):
     assert diffs[kind] <= ATOL, (kind, diffs)
+  # The stated exemption (README): a parameter whose gradient is below 1e-7 may differ by up to
+  # 2 * lr (Adam's first step is lr * g / (|g| + eps)), and at most 1 in 10^4 of them beyond 1e-5.
+  assert diffs["params_below_grad_floor"] <= 2 * config.optimizer.lr, diffs
   assert diffs["entries_beyond_atol"] <= 1e-4 * sum(
       v.size for k, v in reference.items() if k.startswith("params/"))
 
@@ -130,7 +136,7 @@ def test_frozen_parameters_stay_bit_identical(config, mesh8):
   state = parallel.fetch(state)
   assert int(state["step"]) == 3 and np.isfinite(float(metrics["loss"]))
 
-  frozen = tiny.flat(train.frozen_mask(state["params"], config.model.text.frozen_layers), "params/")
+  frozen = tiny.flat(opt_lib.frozen_mask(state["params"], config.model.text.frozen_layers), "params/")
   params = tiny.flat(state["params"], "params/")
   frozen_keys = {k for k, f in frozen.items() if f}
   assert frozen_keys and all(k.startswith(("params/text/embeddings/", "params/text/encoder/layer_0/"))
@@ -167,7 +173,7 @@ def test_dropout_streams_follow_the_step(config, mesh8):
   text = dataclasses.replace(tiny.TINY_BERT, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
   model = build_model(config, text, axis_name=parallel.DATA_AXIS)
   _, optimizer = tiny.model_and_optimizer(config)  # Same parameter tree.
-  step = train.make_train_step(model, optimizer, config, mesh8)
+  step = steps_lib.make_train_step(model, optimizer, config, mesh8)
   batch = tiny.global_batch()
 
   def loss_at(step_number):
@@ -199,7 +205,7 @@ def test_eval_step_ignores_padding_and_matches_the_encoders(config, mesh8):
   model, optimizer = tiny.model_and_optimizer(config)
   state = parallel.replicate(tiny.state_from_variables(tiny.initial_variables(config), optimizer),
                              mesh8)
-  eval_step = train.make_eval_step(model, config, mesh8)
+  eval_step = steps_lib.make_eval_step(model, config, mesh8)
   real = tiny.global_batch(seed=7)
   plain = parallel.fetch(eval_step(state, parallel.shard_batch(real, mesh8)))
 
@@ -228,7 +234,7 @@ def test_eval_step_ignores_padding_and_matches_the_encoders(config, mesh8):
 def test_train_step_requires_synchronised_batchnorm(config, mesh8):
   model = build_model(config, tiny.TINY_BERT, axis_name=None)
   with pytest.raises(ValueError, match="axis_name"):
-    train.make_train_step(model, optax.identity(), config, mesh8)
+    steps_lib.make_train_step(model, optax.identity(), config, mesh8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,14 +243,14 @@ def test_train_step_requires_synchronised_batchnorm(config, mesh8):
 
 def _shapes(config):
   model, _ = tiny.model_and_optimizer(config)
-  return train.param_shapes(model, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH)
+  return state_lib.param_shapes(model, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH)
 
 
 def test_frozen_mask_rule(config):
   shapes = _shapes(config)
 
   def frozen_prefixes(frozen_layers):
-    mask = tiny.flat(train.frozen_mask(shapes, frozen_layers), "")
+    mask = tiny.flat(opt_lib.frozen_mask(shapes, frozen_layers), "")
     return {"/".join(k.split("/")[:3]) for k, f in mask.items() if f}
 
   assert frozen_prefixes(-1) == set()
@@ -253,13 +259,13 @@ def test_frozen_mask_rule(config):
   assert frozen_prefixes(1) == frozen_prefixes(0) | {"text/encoder/layer_0"}
   assert frozen_prefixes(2) == frozen_prefixes(1) | {"text/encoder/layer_1"}
   with pytest.raises(ValueError, match="model.text.frozen_layers=3"):
-    train.frozen_mask(shapes, 3)
+    opt_lib.frozen_mask(shapes, 3)
 
-  counts = train.parameter_counts(shapes, train.frozen_mask(shapes, 2))
+  counts = opt_lib.parameter_counts(shapes, opt_lib.frozen_mask(shapes, 2))
   text_total = sum(x.size for x in jax.tree.leaves(shapes["text"]))
   assert counts["frozen"] == text_total
   assert counts["frozen"] + counts["trainable"] == sum(x.size for x in jax.tree.leaves(shapes))
-  assert "frozen" in train.describe_parameters(shapes, 1)
+  assert "frozen" in opt_lib.describe_parameters(shapes, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ def test_adam_with_l2_matches_torch(clip):
   lr, wd = 1e-2, 0.1
   config = _optimizer_config(lr=lr, weight_decay=wd, grad_clip_norm=clip)
   tree = {"image_head": params}
-  optimizer = train.make_optimizer(config, tree, steps_total=10)
+  optimizer = opt_lib.make_optimizer(config, tree, steps_total=10)
   state = optimizer.init(tree)
   ours = tree
   for g in grads:
@@ -322,21 +328,21 @@ def _run_updates(optimizer, steps):
   for _ in range(steps):
     updates, state = optimizer.update({"image_head": {"w": jnp.full((3,), 0.5)}}, state, params)
     params = optax.apply_updates(params, updates)
-    lrs.append(float(train.get_learning_rate(state)))
+    lrs.append(float(opt_lib.get_learning_rate(state)))
   return lrs, state, params
 
 
 def test_cosine_schedule_with_warmup():
   lr, warmup, total = 1e-3, 3, 11
   config = _optimizer_config(lr=lr, schedule="cosine", warmup_steps=warmup)
-  lrs, _, _ = _run_updates(train.make_optimizer(config, {"image_head": {"w": 0}}, total), total + 1)
+  lrs, _, _ = _run_updates(opt_lib.make_optimizer(config, {"image_head": {"w": 0}}, total), total + 1)
   want = [lr * k / warmup if k < warmup else
           lr * 0.5 * (1 + math.cos(math.pi * min(k - warmup, total - warmup) / (total - warmup)))
           for k in range(total + 1)]
   np.testing.assert_allclose(lrs, want, rtol=0, atol=1e-6 * lr)  # float32 schedule arithmetic.
   assert lrs[warmup] == pytest.approx(lr) and lrs[-1] == 0.0
   with pytest.raises(ValueError, match="optimizer.warmup_steps"):
-    train.make_optimizer(config, {"image_head": {"w": 0}}, steps_total=warmup)
+    opt_lib.make_optimizer(config, {"image_head": {"w": 0}}, steps_total=warmup)
 
 
 def test_plateau_matches_torch_and_sets_the_learning_rate():
@@ -348,9 +354,9 @@ def test_plateau_matches_torch_and_sets_the_learning_rate():
   scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
       torch_opt, mode="min", factor=factor, patience=patience - 1, threshold=1e-4,
       threshold_mode="rel", cooldown=0)
-  plateau, scales, torch_scales = train.plateau_init(config), [], []
+  plateau, scales, torch_scales = opt_lib.plateau_init(), [], []
   for value in val_losses:
-    plateau, scale = train.reduce_on_plateau(plateau, value, config)
+    plateau, scale = opt_lib.reduce_on_plateau(plateau, value, config)
     scheduler.step(value)
     scales.append(scale)
     torch_scales.append(torch_opt.param_groups[0]["lr"])
@@ -358,12 +364,12 @@ def test_plateau_matches_torch_and_sets_the_learning_rate():
   assert min(scales) <= factor**2  # Several reductions happened.
 
   # The loop applies the scale through the optimizer state; the next update uses it.
-  optimizer = train.make_optimizer(config, {"image_head": {"w": 0}}, steps_total=100)
+  optimizer = opt_lib.make_optimizer(config, {"image_head": {"w": 0}}, steps_total=100)
   lrs, state, params = _run_updates(optimizer, 1)
   assert lrs == [pytest.approx(config.optimizer.lr)]
-  state = train.set_learning_rate(state, config.optimizer.lr * scales[-1])
+  state = opt_lib.set_learning_rate(state, config.optimizer.lr * scales[-1])
   updates, state = optimizer.update({"image_head": {"w": jnp.full((3,), 0.5)}}, state, params)
-  assert float(train.get_learning_rate(state)) == pytest.approx(config.optimizer.lr * scales[-1])
+  assert float(opt_lib.get_learning_rate(state)) == pytest.approx(config.optimizer.lr * scales[-1])
   # Adam's step with a constant gradient has size lr.
   np.testing.assert_allclose(np.asarray(updates["image_head"]["w"]),
                              -config.optimizer.lr * scales[-1] * np.ones(3), rtol=1e-4)
@@ -371,9 +377,10 @@ def test_plateau_matches_torch_and_sets_the_learning_rate():
 
 def test_bad_optimizer_config_raises():
   with pytest.raises(ValueError, match="optimizer.schedule"):
-    train.make_optimizer(_optimizer_config(schedule="linear"), {"image_head": {"w": 0}}, 10)
+    opt_lib.make_optimizer(_optimizer_config(schedule="linear"), {"image_head": {"w": 0}}, 10)
   with pytest.raises(ValueError, match="optimizer.plateau_factor"):
-    train.plateau_init(_optimizer_config(schedule="plateau", plateau_factor=1.5))
+    opt_lib.make_optimizer(_optimizer_config(schedule="plateau", plateau_factor=1.5),
+                           {"image_head": {"w": 0}}, 10)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,13 +390,13 @@ def test_bad_optimizer_config_raises():
 def test_init_train_state_with_override(config):
   model, optimizer = tiny.model_and_optimizer(config)
   rng = jax.random.PRNGKey(0)
-  fresh = train.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH)
-  assert set(fresh) == {"step", "params", "batch_stats", "opt_state", "rng"}
+  fresh = state_lib.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH)
+  assert set(fresh) == {"step", "params", "batch_stats", "opt_state", "rng", "plateau"}
   assert set(fresh["batch_stats"]) == {"image"}
 
   head = jax.tree.map(lambda x: np.full(x.shape, 0.25, np.float32), fresh["params"]["image_head"])
   stats = jax.tree.map(lambda x: np.full(x.shape, 2.0, np.float32), fresh["batch_stats"]["image"])
-  state = train.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
+  state = state_lib.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
                                  params_override={"params": {"image_head": head},
                                                   "batch_stats": {"image": stats}})
   for got, want in ((state["params"]["image_head"], head), (state["batch_stats"]["image"], stats)):
@@ -399,12 +406,12 @@ def test_init_train_state_with_override(config):
   wrong = flax.traverse_util.flatten_dict(head, sep="/")
   wrong["dense1/kernel"] = np.zeros((3, 3), np.float32)
   with pytest.raises(ValueError, match="params/image_head/dense1/kernel: shape"):
-    train.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH, params_override={
+    state_lib.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH, params_override={
         "params": {"image_head": flax.traverse_util.unflatten_dict(wrong, sep="/")}})
   missing = {"dense1": head["dense1"]}
   with pytest.raises(ValueError, match="missing.*dense2"):
-    train.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
+    state_lib.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
                            params_override={"params": {"image_head": missing}})
   with pytest.raises(ValueError, match="no such group"):
-    train.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
+    state_lib.init_train_state(model, optimizer, rng, tiny.IMAGE_SIZE, tiny.TEXT_LENGTH,
                            params_override={"params": {"vision": head}})

@@ -39,7 +39,7 @@ def get_config():
   c.checkpoint.keep = 2
   c.eval.every_steps = 3
   c.eval.batch_size = 32
-  c.eval.linear_probe.seeds = (0,)
-  c.eval.linear_probe.c_grid = (1.0,)
-  c.eval.retrieval.k = (5, 10)
+  c.evals.linear_probe.seeds = (0,)
+  c.evals.linear_probe.c_grid = (1.0,)
+  c.evals.retrieval.k = (5, 10)
   return c

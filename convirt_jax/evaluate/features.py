@@ -16,7 +16,7 @@ import numpy as np
 
 from convirt_jax import parallel
 from convirt_jax.data import pipeline
-from convirt_jax.models.convirt import ConVIRTModel
+from convirt_jax.models.convirt import INPUT_KEYS, ConVIRTModel
 
 
 class Subset:
@@ -53,7 +53,7 @@ class Embedder:
     self.mesh = mesh
     self.variables = parallel.replicate({"params": variables["params"],
                                          "batch_stats": variables["batch_stats"]}, mesh)
-    self._images, self._texts = _encoders(model)
+    self._images, self._texts = jitted_encoders(model)
 
   def split(self, source: Sequence[Any], tokenizer, config, *, with_text: bool = True) -> dict[str, np.ndarray]:
     """{"image_features", "image_emb"[, "text_features", "text_emb"], "labels"} for every record, in order."""
@@ -78,7 +78,7 @@ class Embedder:
     collected = {k: [] for k in keys + ["labels", "index", "mask"]}
     for batch in batches:
       extra = {k: batch[k] for k in ("labels", "index", "mask") if k in batch}
-      inputs = {k: batch[k] for k in ("image", "input_ids", "attention_mask") if k in batch}
+      inputs = {k: batch[k] for k in INPUT_KEYS if k in batch}
       inputs = parallel.shard_batch(inputs, self.mesh)
       outputs = dict(extra)
       if with_images:
@@ -100,9 +100,9 @@ class Embedder:
 
 
 @functools.lru_cache(maxsize=4)
-def _encoders(model: ConVIRTModel):
-  """Jitted (encode_images, encode_texts) of a model, shared by every Embedder of an equal model, so
-  evaluating several weights (ConVIRT, baselines) compiles once."""
+def jitted_encoders(model: ConVIRTModel):
+  """Jitted (encode_images, encode_texts) of a model -> (pooled features, projections), shared by every
+  user of an equal model (Embedders, the API), so evaluating several weights compiles once."""
   images = jax.jit(lambda v, x: model.apply(v, x, method=ConVIRTModel.encode_images))
   texts = jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=ConVIRTModel.encode_texts))
   return images, texts

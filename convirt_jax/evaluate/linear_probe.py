@@ -40,6 +40,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from convirt_jax.errors import NothingToEvaluate
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.evaluate.results import DATASET_TITLES
+
 TASKS = ("multilabel", "multiclass")
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -217,7 +221,8 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
       if pos is not None:
         _class_indices(pos, split)
     if np.count_nonzero(pos_pool.any(axis=0)) < 2:
-      raise ValueError("train_labels: multiclass probing needs at least two classes in the training set")
+      raise NothingToEvaluate("train_labels: multiclass probing needs at least two classes in the "
+                              "training set")
   fit = _fit_multilabel if task == "multilabel" else _fit_multiclass
 
   excluded = {}
@@ -227,7 +232,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     elif pos_test[:, j].all() or not pos_test[:, j].any():
       excluded[name] = "single class in the test set"
   if len(excluded) == len(label_names):
-    raise ValueError(f"no label can be scored: {excluded}")
+    raise NothingToEvaluate(f"no label can be scored: {excluded}")
 
   cache: dict[bytes, dict] = {}
   num_warnings = 0
@@ -272,3 +277,22 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
           "label_names": label_names, "n_pool": int(pos_pool.shape[0]), "n_test": int(pos_test.shape[0]),
           "c_selection": "validation" if pos_val is not None else "fixed",
           "excluded_labels": excluded, "convergence_warnings": num_warnings, "fractions": entries}
+
+
+def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings) -> dict[str, Any] | None:
+  """The evaluator of `config.evals.linear_probe`: {dataset title: `linear_probe(...)` output} on the
+  frozen encoder's pooled features, or None when the data set has no labels or no train/test split."""
+  splits = dataset.sources
+  if not dataset.label_names or "train" not in splits or "test" not in splits:
+    return None
+  train_source = features_lib.capped(splits["train"], settings.max_train_examples, config.train.seed)
+  embed = lambda source: embedder.split(source, tokenizer, config, with_text=False)
+  train, test = embed(train_source), embed(splits["test"])
+  val = embed(splits["validation"]) if "validation" in splits else None
+  title = DATASET_TITLES.get(config.data.name, config.data.name)
+  return {title: linear_probe(
+      train["image_features"], train["labels"], test["image_features"], test["labels"],
+      label_names=dataset.label_names, task=dataset.task, fractions=tuple(settings.fractions),
+      seeds=tuple(settings.seeds), val_features=None if val is None else val["image_features"],
+      val_labels=None if val is None else val["labels"], c_grid=tuple(settings.c_grid),
+      default_c=settings.default_c, max_iter=settings.max_iter, min_train=settings.min_train)}

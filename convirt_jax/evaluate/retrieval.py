@@ -12,9 +12,19 @@ candidate index (stable sort), so results do not depend on the platform's sort.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import os
 from typing import Any
 
+from absl import logging
+import jax
 import numpy as np
+
+from convirt_jax.data.datasets import decode_record
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.evaluate import plots
+from convirt_jax.losses import l2_normalize
+
+EXAMPLES_PNG = "retrieval_examples.png"
 
 
 def category_pure(labels: np.ndarray, categories_idx: Sequence[int], *,
@@ -69,10 +79,13 @@ def _normalize(embeddings: np.ndarray, name: str) -> np.ndarray:
     raise ValueError(f"{name} must be [N, D], got shape {embeddings.shape}")
   if not np.isfinite(embeddings).all():
     raise ValueError(f"{name}: row {np.argwhere(~np.isfinite(embeddings))[0, 0]} is not finite")
-  norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-  if (norms == 0).any():
-    raise ValueError(f"{name}: row {int(np.argmax(norms[:, 0] == 0))} is all zeros (no direction)")
-  return embeddings / norms
+  zero = ~embeddings.any(axis=1)
+  if zero.any():
+    # A degenerate encoder (e.g. a baseline whose ReLUs are all off) gives zero features: they have
+    # cosine similarity 0 with everything, as torch.nn.functional.normalize leaves them; no crash.
+    logging.warning("%s: %d of %d rows are all zeros (similarity 0 to everything)", name,
+                    int(zero.sum()), len(zero))
+  return l2_normalize(embeddings)
 
 
 def rank_candidates(query_emb: np.ndarray, candidate_emb: np.ndarray, k: int, *,
@@ -195,3 +208,52 @@ def text_to_image(text_emb: np.ndarray, text_category: np.ndarray, image_emb: np
   the image candidates (embedded by the image encoder), both in the shared projection space."""
   return precision_at_k(text_emb, text_category, image_emb, image_category, ks,
                         category_names=category_names)
+
+
+def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings, *,
+             plot_dir: str | None = None) -> dict[str, Any] | None:
+  """The evaluator of `config.evals.retrieval`: Prec@k image->image (pooled features f_v) and
+  text->image (projected embeddings), or None when the data set has no retrieval splits or text queries.
+
+  With `plot_dir`, process 0 also writes the top text->image matches of each category's first query.
+  """
+  splits = dataset.sources
+  if not ({"retrieval_candidates", "retrieval_queries"} <= set(splits) and dataset.retrieval_text_queries):
+    return None
+  everything = tuple(range(len(dataset.label_names)))
+  candidates = embedder.split(splits["retrieval_candidates"], tokenizer, config, with_text=False)
+  queries = embedder.split(splits["retrieval_queries"], tokenizer, config, with_text=False)
+  candidate_category = category_pure(candidates["labels"], everything)
+  query_category = category_pure(queries["labels"], everything)
+  texts, text_category = [], []
+  for name, category_texts in dataset.retrieval_text_queries.items():
+    texts += list(category_texts)
+    text_category += [dataset.label_names.index(name)] * len(category_texts)
+  text_category = np.asarray(text_category)
+  text_emb = embedder.texts(texts, tokenizer, config)["text_emb"]
+  ks = tuple(settings.k)
+  if plot_dir is not None and jax.process_index() == 0:
+    _plot_examples(texts, text_category, text_emb, candidates["image_emb"], candidate_category,
+                   splits["retrieval_candidates"], os.path.join(plot_dir, EXAMPLES_PNG))
+  return {
+      "image_to_image": image_to_image(
+          candidates["image_features"], candidate_category, ks, query_emb=queries["image_features"],
+          query_category=query_category, category_names=dataset.label_names),
+      "text_to_image": text_to_image(
+          text_emb, text_category, candidates["image_emb"], candidate_category, ks,
+          category_names=dataset.label_names),
+  }
+
+
+def _plot_examples(texts, text_category, text_emb, candidate_emb, candidate_category, source, out_png,
+                   top: int = 6) -> None:
+  """One row per category (its first text query): the top retrieved candidates, framed by relevance."""
+  first = [int(np.flatnonzero(text_category == c)[0]) for c in np.unique(text_category)]
+  ranked = rank_candidates(text_emb[first], candidate_emb, top)
+  images = {i: decode_record(source[i])["image"] for i in sorted(set(ranked.ravel().tolist()))}
+  size = min(min(im.shape[:2]) for im in images.values())
+  thumbs = np.zeros((len(source), size, size), np.uint8)
+  for i, im in images.items():
+    thumbs[i] = im[:size, :size]
+  relevant = candidate_category[ranked] == text_category[first][:, None]
+  plots.plot_retrieval_examples([texts[i] for i in first], thumbs, ranked, relevant, out_png)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convirt_jax.errors import WeightsNotFound
 from convirt_jax.models.bert import BertConfig, BertEncoder
 
 Params = dict[str, Any]
@@ -37,7 +38,8 @@ def resolve_hf_dir(path_or_hub_name: str | os.PathLike) -> str:
   if os.path.isdir(path_or_hub_name):
     return path_or_hub_name
   if os.path.exists(path_or_hub_name) or path_or_hub_name.startswith(("/", ".", "~")):
-    raise FileNotFoundError(f"{path_or_hub_name!r} is not a checkpoint directory.")
+    raise WeightsNotFound(f"{path_or_hub_name!r} is not a directory: give a Hugging Face BERT "
+                          "directory (config.json, vocab.txt, model.safetensors) or a Hub model name")
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   try:
     # Configs, vocabulary and safetensors weights only: no TF/Flax/ONNX copies of the same weights.
@@ -46,10 +48,13 @@ def resolve_hf_dir(path_or_hub_name: str | os.PathLike) -> str:
     if not any(f.endswith(".safetensors") for f in os.listdir(local)):
       local = huggingface_hub.snapshot_download(
           path_or_hub_name, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"])
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f"{path_or_hub_name!r} is neither a local directory nor a Hugging Face Hub model that could "
-        f"be downloaded ({type(e).__name__}: {e}).") from e
+  except Exception as e:  # pylint: disable=broad-except  (offline, unknown name, no access, ...)
+    detail = str(e).splitlines()[0] if str(e) else ""
+    raise WeightsNotFound(
+        f"could not fetch the Hugging Face model {path_or_hub_name!r} ({type(e).__name__}: {detail}). "
+        "Without network access, download it elsewhere (e.g. `hf download "
+        f"{path_or_hub_name} --local-dir DIR`) and pass the directory instead "
+        "(--config.model.text.init_from=DIR).") from None
   return local
 
 
@@ -148,7 +153,7 @@ def _read_state_dict(directory: str) -> dict[str, np.ndarray]:
     loaded = torch.load(path(_TORCH_BIN), map_location="cpu", weights_only=True)
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in loaded.items()}
-  raise FileNotFoundError(f"{directory!r} has no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN}.")
+  raise WeightsNotFound(f"{directory!r} has no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN}.")
 
 
 def load_hf_bert(path_or_hub_name: str | os.PathLike) -> tuple[BertConfig, Params]:
@@ -156,7 +161,7 @@ def load_hf_bert(path_or_hub_name: str | os.PathLike) -> tuple[BertConfig, Param
   directory = resolve_hf_dir(path_or_hub_name)
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{directory!r} has no config.json.")
+    raise WeightsNotFound(f"{directory!r} has no config.json.")
   config = BertConfig.from_json_file(config_path)
   try:
     return config, params_from_hf_state_dict(config, _read_state_dict(directory))
@@ -187,6 +192,6 @@ def save_hf_bert(config: BertConfig, params: Params, out_dir: str | os.PathLike,
   source = resolve_hf_dir(tokenizer_from)
   copied = [name for name in _TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
   if not copied:
-    raise FileNotFoundError(f"tokenizer_from={tokenizer_from!r} has none of {_TOKENIZER_FILES}.")
+    raise WeightsNotFound(f"tokenizer_from={tokenizer_from!r} has none of {_TOKENIZER_FILES}.")
   for name in copied:
     shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))

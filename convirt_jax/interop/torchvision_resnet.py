@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convirt_jax.errors import CheckpointError, ConfigError
+from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
 from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -232,10 +232,17 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
     except ImportError as e:
       raise ConfigError("model.image.init_from='torchvision' needs torchvision installed; or set it "
                         "to a downloaded .pth/.pt/.safetensors file") from e
-    torch_model = getattr(torchvision.models, f"resnet{depth}")(weights="IMAGENET1K_V1")
+    try:
+      torch_model = getattr(torchvision.models, f"resnet{depth}")(weights="IMAGENET1K_V1")
+    except Exception as e:  # pylint: disable=broad-except  (URLError offline, HTTP errors, ...)
+      raise WeightsNotFound(
+          f"could not download torchvision's ImageNet weights for resnet{depth} ({type(e).__name__}: "
+          f"{e}). Without network access, download them elsewhere (torchvision.models.ResNet"
+          f"{depth}_Weights.IMAGENET1K_V1.url) and pass the file: --config.model.image.init_from="
+          "/path/to/resnet.pth") from None
     return load_torchvision_resnet(torch_model.state_dict(), depth)
   if not init_from:
     raise ConfigError("model.image.init_from is empty: there is nothing to load")
   if not Path(init_from).is_file():
-    raise CheckpointError(f"model.image.init_from={init_from!r}: no such file")
+    raise WeightsNotFound(f"model.image.init_from={init_from!r}: no such file")
   return load_torchvision_resnet(init_from, depth, width, small_stem)

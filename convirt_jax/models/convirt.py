@@ -14,9 +14,15 @@ import ml_collections
 
 from convirt_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from convirt_jax.models.bert import BertConfig, BertEncoder, pool_text
-from convirt_jax.models.resnet import ResNet
+from convirt_jax.models.resnet import BATCH_NORM_MODES, ResNet
+
+# The batch contract: what the model takes from a host batch (labels and masks stay on the host).
+INPUT_KEYS = ("image", "input_ids", "attention_mask")
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "auto" resolves per backend: bfloat16 where the matrix units run it natively, float32 on CPU (slow
+# and no memory pressure there, and the tests compare float32 numbers).
+_AUTO_PRECISION = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -102,16 +108,32 @@ class ConVIRTModel(nn.Module):
     return out
 
 
-def compute_dtype(precision: str) -> Any:
+def resolve_precision(precision: str, platform: str | None = None) -> str:
+  """"float32" or "bfloat16" for `train.precision`; "auto" is bfloat16 on GPU/TPU, float32 elsewhere.
+
+  `platform` defaults to `jax.default_backend()` ("cpu", "gpu", "tpu").
+  """
+  if precision == "auto":
+    return _AUTO_PRECISION.get(platform or jax.default_backend(), "float32")
   if precision not in PRECISIONS:
-    raise ValueError(f"train.precision={precision!r} is not supported; choose one of {sorted(PRECISIONS)}")
-  return PRECISIONS[precision]
+    raise ValueError(f"train.precision={precision!r} is not supported; "
+                     f"choose one of {['auto', *sorted(PRECISIONS)]}")
+  return precision
+
+
+def compute_dtype(precision: str, platform: str | None = None) -> Any:
+  """The activation dtype for `train.precision` (see `resolve_precision`); parameters stay float32."""
+  return PRECISIONS[resolve_precision(precision, platform)]
 
 
 def build_model(config: ml_collections.ConfigDict, text_config: BertConfig,
                 axis_name: str | None = None) -> ConVIRTModel:
-  """The model described by `config.model` at `config.train.precision` (parameters are always f32).
+  """The model described by `config.model`, `config.train.precision` and `config.train.remat`.
 
+  Reads model.image.{depth, width, small_stem, batch_norm}, model.text.pooling,
+  model.projection_{dim, hidden}, train.precision (the activation dtype of both encoders and the heads,
+  "auto" resolved on the default backend; parameters, BatchNorm statistics, LayerNorms, softmaxes and
+  the returned embeddings stay float32) and train.remat (per residual block and per BERT layer).
   `axis_name` is the mesh axis that training-mode BatchNorm averages its statistics over; leave it None
   for a model that only runs outside shard_map (feature extraction, export).
   """
@@ -119,10 +141,14 @@ def build_model(config: ml_collections.ConfigDict, text_config: BertConfig,
   if config.model.text.pooling not in ("max", "mean", "cls"):
     raise ValueError(f"model.text.pooling={config.model.text.pooling!r}: choose 'max', 'mean' or 'cls'")
   image = config.model.image
+  if image.batch_norm not in BATCH_NORM_MODES:
+    raise ValueError(f"model.image.batch_norm={image.batch_norm!r}: choose one of {list(BATCH_NORM_MODES)}")
+  remat = bool(config.train.remat)
   return ConVIRTModel(
       image_encoder=ResNet(depth=image.depth, width=image.width, small_stem=image.small_stem,
-                           axis_name=axis_name, dtype=dtype),
-      text_encoder=BertEncoder(text_config, dtype=dtype),
+                           axis_name=axis_name, dtype=dtype, remat=remat,
+                           batch_norm=image.batch_norm),
+      text_encoder=BertEncoder(text_config, dtype=dtype, remat=remat),
       projection_dim=config.model.projection_dim,
       projection_hidden=config.model.projection_hidden,
       pooling=config.model.text.pooling,

@@ -45,12 +45,20 @@ class MetricLogger:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_metrics(metrics_jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file (one JSON object per line; blank lines skipped)."""
+  records = []
+  for number, line in enumerate(open(metrics_jsonl_path).read().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{metrics_jsonl_path}:{number}: not valid JSON ({e})") from e
+    if not isinstance(record, dict) or "step" not in record:
+      raise ValueError(f"{metrics_jsonl_path}:{number}: expected an object with a 'step' key")
+    records.append(record)
+  return records
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -> tqdm.tqdm:

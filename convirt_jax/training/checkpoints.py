@@ -8,7 +8,7 @@ unfinished temporary directory that orbax ignores, so the last complete checkpoi
 Items of one step:
   state  the train-state pytree (StandardSave; restored into the shapes and shardings of a fresh state)
   data   the grain iterator (one small JSON file per process)
-  meta   JSON: the config, the step, the plateau-schedule state, the best metric so far
+  meta   JSON: the config and the step
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -83,6 +84,59 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *,
         f"the checkpoint at step {step} in {manager.directory} does not fit this model/config "
         f"(was it written with another config?): {e}") from e
   return restored[STATE], restored[META]
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
+  """The step that `which` names: "best" (lowest validation metric; the latest step, with a warning,
+  when no kept step has one), "latest" / "last", or a step number (int or digits)."""
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {manager.directory}: train first with "
+                          "python -m convirt_jax.main --config=... --workdir=...")
+  name = str(which).strip().lower()
+  if name in ("latest", "last"):
+    return manager.latest_step()
+  if name == "best":
+    metric = restore_meta(manager, manager.latest_step())["config"]["checkpoint"]["keep_best_metric"]
+    step = best_step(manager, metric)
+    if step is None:
+      logging.warning("no checkpoint in %s has %s (no validation split?): using the latest, step %d",
+                      manager.directory, metric, manager.latest_step())
+      return manager.latest_step()
+    return step
+  if name.isdigit():
+    if int(name) not in steps:
+      raise CheckpointError(f"no checkpoint at step {name} in {manager.directory}; it has steps {steps}")
+    return int(name)
+  raise CheckpointError(f"checkpoint {which!r}: use 'best', 'latest' (or 'last') or a step number "
+                        f"({steps} in {manager.directory})")
+
+
+def restore_variables(workdir: str, step: int) -> dict[str, Any]:
+  """{"params", "batch_stats"} of a step, onto the default device, read without an optimizer template.
+
+  The shapes come from the checkpoint's own metadata and only those two subtrees are read, so loading
+  a model for inference or export depends neither on the optimizer settings nor on their state's size.
+  """
+  reader = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+  try:
+    tree = reader.item_metadata(step)[STATE]
+    tree = getattr(tree, "tree", tree)
+    missing = [k for k in ("params", "batch_stats") if k not in tree]
+    if missing:
+      raise CheckpointError(f"the checkpoint at step {step} in {reader.directory} has no {missing}: "
+                            "it was not written by convirt_jax")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            {"params": tree["params"], "batch_stats": tree["batch_stats"]})
+    args = ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)})
+    return reader.restore(step, args=args)[STATE]
+  finally:
+    reader.close()
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

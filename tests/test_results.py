@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from convirt_jax.evaluate import linear_probe as lp
-from convirt_jax.evaluate import report
+from convirt_jax.evaluate import plots
+from convirt_jax.evaluate import results as results_lib
 from convirt_jax.evaluate import retrieval as rt
 
 
@@ -38,16 +39,16 @@ def results():
 
 
 def test_json_round_trip_and_schema(tmp_path, results):
-  json_path, md_path = report.write_results(tmp_path / "work", results)
+  json_path, md_path = results_lib.write_results(tmp_path / "work", results)
   with open(json_path) as f:
     loaded = json.load(f)
-  assert loaded == report.to_json_ready(results)
+  assert loaded == results_lib.to_json_ready(results)
   assert loaded["run"] == {"config": "configs/demo.py", "step": 500, "ks": [5, 10, 50]}
   convirt = loaded["methods"]["ConVIRT"]
   assert list(loaded["methods"]) == ["Random Init.", "ConVIRT"]  # row order is kept
   assert convirt["linear_probe"]["CheXpert"]["fractions"][2]["per_label"]["Edema"] is None  # NaN
   assert convirt["retrieval"]["text_to_image"]["prec@10"] == 0.55
-  report.validate_results(loaded)
+  results_lib.validate_results(loaded)
   assert md_path.endswith("results.md") and not list((tmp_path / "work").glob(".*tmp"))
 
 
@@ -58,12 +59,12 @@ def test_real_outputs_pass_the_schema(tmp_path):
   results = {"methods": {"ConVIRT": {
       "linear_probe": {"Toy": lp.linear_probe(x, y, x, y, label_names=["p", "q"], task="multilabel")},
       "retrieval": {"image_to_image": rt.image_to_image(rng.normal(size=(60, 4)), category)}}}}
-  with open(report.write_results(tmp_path, results)[0]) as f:
-    report.validate_results(json.load(f))
+  with open(results_lib.write_results(tmp_path, results)[0]) as f:
+    results_lib.validate_results(json.load(f))
 
 
 def test_markdown_tables(results):
-  text = report.results_markdown(report.to_json_ready(results))
+  text = results_lib.results_markdown(results_lib.to_json_ready(results))
   lines = text.splitlines()
   assert "- config: configs/demo.py" in lines and "- step: 500" in lines
   assert "| Method | CheXpert 1% | CheXpert 10% | CheXpert All |" in lines
@@ -78,24 +79,27 @@ def test_markdown_tables(results):
   assert "| ConVIRT | 50.0 | 25.0 | 20.0 | 60.0 | 55.0 | 40.0 |" in lines
   assert "| ConVIRT | 4.00× | 2.00× | 1.60× | 4.80× | 4.40× | 3.20× |" in lines  # relative to chance
   assert "training examples 1%: 20, 10%: 200, All: 2000" in text
-  assert lines.index("## Linear classification (Table 1)") < lines.index("## Retrieval (Table 2)")
+  # Named by their data set: "Table N" is kept for the paper's own protocols.
+  assert lines.index("## Linear classification: CheXpert") < lines.index(
+      "## Retrieval: the evaluation set")
+  assert "Table" not in text
 
 
 def test_invalid_results_name_the_key(results):
   results["methods"]["ConVIRT"]["retrieval"]["text_to_image"].pop("prec@50")
   with pytest.raises(ValueError,
                      match=r"\['ConVIRT'\]\['retrieval'\]\['text_to_image'\]: missing key 'prec@50'"):
-    report.validate_results(results)
+    results_lib.validate_results(results)
   with pytest.raises(ValueError, match="unknown keys \\['probe'\\]"):
-    report.validate_results({"methods": {"X": {"probe": {}}}})
+    results_lib.validate_results({"methods": {"X": {"probe": {}}}})
   with pytest.raises(TypeError, match=r"key 1 is not a string"):
-    report.to_json_ready({"methods": {1: {}}})
+    results_lib.to_json_ready({"methods": {1: {}}})
 
 
 def test_different_chance_levels_are_rejected(results):
   results["methods"]["Random Init."]["retrieval"]["image_to_image"]["chance"] = 0.2
   with pytest.raises(ValueError, match="chance levels differ"):
-    report.results_markdown(results)
+    results_lib.results_markdown(results)
 
 
 def _check_png(path, min_size):
@@ -108,10 +112,10 @@ def _check_png(path, min_size):
 
 
 def test_plot_probe_curves(tmp_path, results):
-  report.plot_probe_curves(results, tmp_path / "probe.png")
+  plots.plot_probe_curves(results, tmp_path / "probe.png")
   _check_png(tmp_path / "probe.png", (400, 300))
   with pytest.raises(ValueError, match="no linear_probe"):
-    report.plot_probe_curves({"methods": {"X": {}}}, tmp_path / "none.png")
+    plots.plot_probe_curves({"methods": {"X": {}}}, tmp_path / "none.png")
 
 
 def test_plot_loss_curve(tmp_path):
@@ -124,22 +128,22 @@ def test_plot_loss_curve(tmp_path):
   records.append(json.dumps({"step": 310, "train/loss": "nan", "lr": 1e-4}))  # a diverged step
   path = tmp_path / "metrics.jsonl"
   path.write_text("\n".join(records[:5] + [""] + records[5:]) + "\n")
-  report.plot_loss_curve(path, tmp_path / "plots" / "loss.png")
+  plots.plot_loss_curve(path, tmp_path / "plots" / "loss.png")
   _check_png(tmp_path / "plots" / "loss.png", (600, 300))
   path.write_text(records[0] + "\n{not json\n")
   with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
-    report.plot_loss_curve(path, tmp_path / "bad.png")
+    plots.plot_loss_curve(path, tmp_path / "bad.png")
   path.write_text(json.dumps({"step": 1, "train/loss": "high"}) + "\n")
   with pytest.raises(ValueError, match="step 1: train/loss='high' is not a number"):
-    report.plot_loss_curve(path, tmp_path / "bad.png")
+    plots.plot_loss_curve(path, tmp_path / "bad.png")
   path.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
   with pytest.raises(ValueError, match="no 'train/loss' or 'val/loss'"):
-    report.plot_loss_curve(path, tmp_path / "bad.png")
+    plots.plot_loss_curve(path, tmp_path / "bad.png")
 
 
 def test_ema_is_bias_corrected():
-  np.testing.assert_allclose(report.ema([2.0] * 5, 0.9), [2.0] * 5, rtol=1e-12)
-  np.testing.assert_allclose(report.ema([0.0, 1.0], 0.5), [0.0, 2 / 3], rtol=1e-12)
+  np.testing.assert_allclose(plots.ema([2.0] * 5, 0.9), [2.0] * 5, rtol=1e-12)
+  np.testing.assert_allclose(plots.ema([0.0, 1.0], 0.5), [0.0, 2 / 3], rtol=1e-12)
 
 
 def test_plot_retrieval_examples(tmp_path):
@@ -148,13 +152,13 @@ def test_plot_retrieval_examples(tmp_path):
   top = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
   relevant = np.array([[True, True, False, True], [False, False, False, True]])
   texts = ["Moderate cardiomegaly with small bilateral pleural effusions. " * 4, "Edema."]
-  report.plot_retrieval_examples(texts, images, top, relevant, tmp_path / "examples.png")
+  plots.plot_retrieval_examples(texts, images, top, relevant, tmp_path / "examples.png")
   pixels = _check_png(tmp_path / "examples.png", (500, 300))
-  red, green = np.array(Image.new("RGB", (1, 1), report.IRRELEVANT_COLOR)).reshape(3), np.array(
-      Image.new("RGB", (1, 1), report.RELEVANT_COLOR)).reshape(3)
+  red, green = np.array(Image.new("RGB", (1, 1), plots.IRRELEVANT_COLOR)).reshape(3), np.array(
+      Image.new("RGB", (1, 1), plots.RELEVANT_COLOR)).reshape(3)
   assert (np.abs(pixels - green).sum(-1) < 30).sum() > 500  # frames drawn in both colours
   assert (np.abs(pixels - red).sum(-1) < 30).sum() > 500
   with pytest.raises(ValueError, match="uint8"):
-    report.plot_retrieval_examples(texts, images.astype(np.float32), top, relevant, tmp_path / "x.png")
+    plots.plot_retrieval_examples(texts, images.astype(np.float32), top, relevant, tmp_path / "x.png")
   with pytest.raises(ValueError, match="index the 20 candidate images"):
-    report.plot_retrieval_examples(texts, images, top + 15, relevant, tmp_path / "x.png")
+    plots.plot_retrieval_examples(texts, images, top + 15, relevant, tmp_path / "x.png")

@@ -1,4 +1,4 @@
-"""Writes evaluation results as results.json and results.md (tables shaped like the paper's), and plots.
+"""Writes evaluation results as results.json and results.md (tables shaped like the paper's), (plots are in `plots.py`).
 
 The results dict (JSON-ready; numpy scalars/arrays are converted, NaN becomes null):
 
@@ -31,24 +31,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
-from matplotlib.figure import Figure
 
+# config.data.name -> the data set's name in tables (results of other protocols than the paper's are
+# named by their data set, never "Table N").
+DATASET_TITLES = {"synthetic": "Synthetic CXR", "mimic_cxr": "MIMIC-CXR", "csv": "CSV labels"}
 DIRECTIONS = {"image_to_image": "Image→image", "text_to_image": "Text→image"}
 METRIC_NAMES = {"auc": "AUC ×100", "accuracy": "accuracy %"}
 MISSING = "–"
-RELEVANT_COLOR, IRRELEVANT_COLOR = "#2ca02c", "#d62728"
-_NON_FINITE = ("nan", "inf", "-inf", "NaN", "Infinity", "-Infinity")  # how JSON writers spell them
+NON_FINITE = ("nan", "inf", "-inf", "NaN", "Infinity", "-Infinity")  # how JSON writers spell them
 
-
-# ----------------------------------------------------------------------------------------------------
-# results.json / results.md
-# ----------------------------------------------------------------------------------------------------
 
 def to_json_ready(value: Any, path: str = "results") -> Any:
   """Plain JSON types: numpy scalars/arrays to Python, tuples to lists, non-finite floats to None."""
@@ -113,7 +109,7 @@ def _pct(value: float | None, digits: int = 1) -> str:
   return MISSING if value is None else f"{100 * value:.{digits}f}"
 
 
-def _fraction_label(fraction: float) -> str:
+def fraction_label(fraction: float) -> str:
   return "All" if fraction == 1.0 else f"{100 * fraction:g}%"
 
 
@@ -122,7 +118,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _datasets(methods: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
+def datasets_of(methods: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
   """Dataset -> (metric, fractions in first-seen order) over every method."""
   datasets: dict[str, tuple[str, list[float]]] = {}
   for entry in methods.values():
@@ -140,12 +136,12 @@ def _probe_rows(probe: Mapping[str, Any] | None) -> dict[float, Mapping[str, Any
 
 
 def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
-  datasets = _datasets(methods)
+  datasets = datasets_of(methods)
   if not datasets:
     return []
-  header, lines = ["Method"], ["## Linear classification (Table 1)", ""]
+  header, lines = ["Method"], [f"## Linear classification: {', '.join(datasets)}", ""]
   for dataset, (_, fractions) in datasets.items():
-    header += [f"{dataset} {_fraction_label(f)}" for f in fractions]
+    header += [f"{dataset} {fraction_label(f)}" for f in fractions]
   rows = []
   for method, entry in methods.items():
     row = [method]
@@ -163,7 +159,7 @@ def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
     for entry in methods.values():
       for f, r in _probe_rows(entry.get("linear_probe", {}).get(dataset)).items():
         sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
-    size_text = ", ".join(f"{_fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
+    size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
                           for f in fractions)
     notes.append(f"- {dataset}: {METRIC_NAMES[metric]} (mean ± std over seeds); training examples "
                  f"{size_text}.")
@@ -180,7 +176,7 @@ def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
       for f in fractions:
         if f in by_fraction:
           per_label = by_fraction[f]["per_label"]
-          rows.append([method, _fraction_label(f)] + [_pct(per_label.get(n)) for n in label_names])
+          rows.append([method, fraction_label(f)] + [_pct(per_label.get(n)) for n in label_names])
     lines += ["", f"### {dataset}: per-label AUC ×100 (mean over seeds; {MISSING} = not scorable)", ""]
     lines += _table(["Method", "Label fraction"] + label_names, rows)
   return lines
@@ -199,7 +195,7 @@ def _chance(methods: Mapping[str, Any], direction: str) -> float | None:
   return values[0]
 
 
-def _retrieval_markdown(methods: Mapping[str, Any]) -> list[str]:
+def _retrieval_markdown(methods: Mapping[str, Any], dataset: str) -> list[str]:
   directions = [d for d in DIRECTIONS if any(d in e.get("retrieval", {}) for e in methods.values())]
   if not directions:
     return []
@@ -225,7 +221,7 @@ def _retrieval_markdown(methods: Mapping[str, Any]) -> list[str]:
 
   first = next(e["retrieval"][directions[0]] for e in methods.values()
                if directions[0] in e.get("retrieval", {}))
-  lines = ["## Retrieval (Table 2)", "",
+  lines = [f"## Retrieval: {dataset}", "",
            f"Prec@k ×100: share of the top k candidates in the query's category "
            f"({first.get('n_candidates', '?')} candidates for {DIRECTIONS[directions[0]].lower()}).", ""]
   lines += _table(header, rows(relative=False))
@@ -242,7 +238,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
   for key, value in results.get("run", {}).items():
     text = value if isinstance(value, str) else json.dumps(to_json_ready(value), ensure_ascii=False)
     lines.append(f"- {key}: {text}")
-  for section in (_probe_markdown(methods), _retrieval_markdown(methods)):
+  dataset = DATASET_TITLES.get(results.get("run", {}).get("config"), "the evaluation set")
+  for section in (_probe_markdown(methods), _retrieval_markdown(methods, dataset)):
     if section:
       lines += [""] + section
   return "\n".join(lines) + "\n"
@@ -267,157 +264,114 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tup
   return os.fspath(json_path), os.fspath(md_path)
 
 
+
 # ----------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API: no pyplot state, no display backend needed)
-# ----------------------------------------------------------------------------------------------------
+# The transfer job (convirt_jax.transfer): results.json / results.md shaped like the paper's Table 1.
+#
+#   {"run": {...}, "dataset": title, "task", "metric": "auc" | "accuracy", "label_names": [...],
+#    "methods": {row: {"linear": linear_probe output, "finetune": finetune.summarise output,
+#                      "zeroshot": zeroshot.evaluate_zeroshot output}}}
 
-def _save(fig: Figure, out_png: str | os.PathLike) -> None:
-  out_png = epath.Path(out_png)
-  out_png.parent.mkdir(parents=True, exist_ok=True)
-  with out_png.open("wb") as f:
-    fig.savefig(f, format="png", dpi=fig.dpi)
+TRANSFER_PROTOCOLS = {"linear": "Linear classification (frozen encoder)", "finetune": "Fine-tuning",
+                      "zeroshot": "Zero-shot (prompt embeddings; not a protocol of the paper)"}
 
 
-def read_metrics(metrics_jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file (one JSON object per line; blank lines skipped)."""
-  records = []
-  for number, line in enumerate(epath.Path(metrics_jsonl_path).read_text().splitlines(), start=1):
-    if not line.strip():
+def validate_transfer_results(results: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first key that does not follow the structure above."""
+  _require(results, ("methods", "metric"), "results")
+  if results["metric"] not in METRIC_NAMES:
+    raise ValueError(f"results['metric']: {results['metric']!r} not in {sorted(METRIC_NAMES)}")
+  for method, entry in results["methods"].items():
+    path = f"results['methods'][{method!r}]"
+    _require(entry, (), path)
+    unknown = set(entry) - set(TRANSFER_PROTOCOLS)
+    if unknown:
+      raise ValueError(f"{path}: unknown protocols {sorted(unknown)}; expected {sorted(TRANSFER_PROTOCOLS)}")
+    for protocol in ("linear", "finetune"):
+      if protocol in entry:
+        _require(entry[protocol], ("fractions",), f"{path}[{protocol!r}]")
+        for i, row in enumerate(entry[protocol]["fractions"]):
+          _require(row, ("fraction", "mean", "std", "per_label"), f"{path}[{protocol!r}]['fractions'][{i}]")
+    if "zeroshot" in entry:
+      _require(entry["zeroshot"], ("main", "per_label"), f"{path}['zeroshot']")
+
+
+def _fractions_of(methods: Mapping[str, Any], protocol: str) -> list[float]:
+  fractions = []
+  for entry in methods.values():
+    for row in entry.get(protocol, {}).get("fractions", []):
+      if row["fraction"] not in fractions:
+        fractions.append(row["fraction"])
+  return sorted(fractions)
+
+
+def transfer_markdown(results: Mapping[str, Any]) -> str:
+  """results.md of the transfer job: one Table 1 block per protocol (rows: encoders; columns: label
+  fractions; mean ± std over seeds), the zero-shot scores, per-label tables and the excluded labels."""
+  validate_transfer_results(results)
+  methods, metric = results["methods"], results["metric"]
+  unit = METRIC_NAMES[metric]
+  lines = [f"# ConVIRT transfer: {results.get('dataset', '')}".rstrip(), ""]
+  for key, value in results.get("run", {}).items():
+    text = value if isinstance(value, str) else json.dumps(to_json_ready(value), ensure_ascii=False)
+    lines.append(f"- {key}: {text}")
+  for protocol in ("linear", "finetune"):
+    fractions = _fractions_of(methods, protocol)
+    if not fractions:
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{metrics_jsonl_path}:{number}: not valid JSON ({e})") from e
-    if not isinstance(record, dict) or "step" not in record:
-      raise ValueError(f"{metrics_jsonl_path}:{number}: expected an object with a 'step' key")
-    records.append(record)
-  return records
-
-
-def ema(values: Sequence[float], weight: float) -> np.ndarray:
-  """Exponential moving average, bias-corrected so the first values are not pulled towards 0."""
-  out, average = np.empty(len(values)), 0.0
-  for i, value in enumerate(values):
-    average = weight * average + (1 - weight) * value
-    out[i] = average / (1 - weight ** (i + 1))
-  return out
-
-
-def plot_loss_curve(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike, *,
-                    smoothing: float = 0.9, train_key: str = "train/loss", val_key: str = "val/loss",
-                    lr_key: str = "lr") -> None:
-  """Train loss (raw and smoothed) and validation loss against step, learning rate on a twin axis."""
-  records = read_metrics(metrics_jsonl_path)
-
-  def series(key: str) -> tuple[np.ndarray, np.ndarray]:
-    pairs = []
-    for record in records:
-      value = record.get(key)
-      if value is None or value in _NON_FINITE:
-        continue  # not logged at this step, or a diverged value: a gap in the curve
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{metrics_jsonl_path}: step {record['step']}: {key}={value!r} is not a number")
-      if math.isfinite(value):
-        pairs.append((record["step"], value))
-    pairs.sort()
-    return (np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float))
-
-  (train_x, train_y), (val_x, val_y), (lr_x, lr_y) = series(train_key), series(val_key), series(lr_key)
-  if train_x.size + val_x.size == 0:
-    raise ValueError(f"{metrics_jsonl_path}: no {train_key!r} or {val_key!r} values to plot")
-  fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
-  ax = fig.add_subplot()
-  if train_x.size:
-    ax.plot(train_x, train_y, color="tab:blue", alpha=0.3, lw=1, label="train")
-    ax.plot(train_x, ema(train_y, smoothing), color="tab:blue", lw=2, label=f"train (EMA {smoothing:g})")
-  if val_x.size:
-    ax.plot(val_x, val_y, "o-", color="tab:orange", lw=2, ms=4, label="validation")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss")
-  ax.grid(alpha=0.3)
-  handles, labels = ax.get_legend_handles_labels()
-  if lr_x.size:
-    lr_ax = ax.twinx()
-    lr_ax.plot(lr_x, lr_y, "--", color="tab:gray", lw=1, label="learning rate")
-    lr_ax.set_ylabel("learning rate")
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    lr_ax.set_ylim(bottom=0)
-    more_handles, more_labels = lr_ax.get_legend_handles_labels()
-    handles, labels = handles + more_handles, labels + more_labels
-  # Below the axes: inside, it hides the early steps where train, validation and warm-up all change.
-  fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
-  ax.set_title("ConVIRT training loss")
-  _save(fig, out_png)
-
-
-def plot_retrieval_examples(query_texts: Sequence[str], candidate_images_uint8: np.ndarray,
-                            topk_indices: np.ndarray, relevant_mask: np.ndarray,
-                            out_png: str | os.PathLike) -> None:
-  """One row per text query (its text as the row title): its top-k images, framed green if relevant
-  (the query's category) and red if not.
-
-  candidate_images_uint8: [M, H, W] or [M, H, W, 1 | 3] uint8. topk_indices: int [Q, k] into it.
-  relevant_mask: bool [Q, k].
-  """
-  images = np.asarray(candidate_images_uint8)
-  top = np.asarray(topk_indices)
-  relevant = np.asarray(relevant_mask)
-  if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1]
-                                                                  not in (1, 3)):
-    raise ValueError(f"candidate_images_uint8 must be uint8 [M, H, W(, 1|3)], got {images.dtype} "
-                     f"{images.shape}")
-  if top.ndim != 2 or top.shape[0] != len(query_texts) or relevant.shape != top.shape:
-    raise ValueError(f"expected {len(query_texts)} query texts, topk_indices [Q, k] and relevant_mask of "
-                     f"the same shape; got topk_indices {top.shape}, relevant_mask {relevant.shape}")
-  if top.size and (top.min() < 0 or top.max() >= images.shape[0]):
-    raise ValueError(f"topk_indices must index the {images.shape[0]} candidate images")
-  if images.ndim == 4 and images.shape[-1] == 1:
-    images = images[..., 0]
-  num_queries, k = top.shape
-  width_inches = 1.6 * k + 0.4
-  chars_per_line = int(11 * width_inches)  # about what fits at font size 9
-  fig = Figure(figsize=(width_inches, 2.3 * num_queries), dpi=100, layout="constrained")
-  for row, subfig in enumerate(np.atleast_1d(fig.subfigures(num_queries, 1))):
-    title = textwrap.shorten(" ".join(query_texts[row].split()), width=2 * chars_per_line,
-                             placeholder=" …")
-    subfig.suptitle(textwrap.fill(title, chars_per_line), fontsize=9, ha="left", x=0.01)
-    for col, ax in enumerate(np.atleast_1d(subfig.subplots(1, k))):
-      ax.imshow(images[top[row, col]], cmap="gray", vmin=0, vmax=255)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      ax.set_xlabel(f"#{col + 1}", fontsize=8)
-      color = RELEVANT_COLOR if relevant[row, col] else IRRELEVANT_COLOR
-      for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(4)
-  _save(fig, out_png)
-
-
-def plot_probe_curves(results: Mapping[str, Any], out_png: str | os.PathLike) -> None:
-  """Probe metric against the fraction of training labels (log axis), one panel per dataset, one line
-  per method, error bars = std over seeds."""
-  results = to_json_ready(results)
-  validate_results(results)
-  methods = results["methods"]
-  datasets = _datasets(methods)
-  if not datasets:
-    raise ValueError("results contain no linear_probe entries to plot")
-  fig = Figure(figsize=(5 * len(datasets), 4), dpi=110, layout="constrained")
-  for ax, (dataset, (metric, fractions)) in zip(np.atleast_1d(fig.subplots(1, len(datasets))),
-                                                datasets.items()):
+    rows = []
     for method, entry in methods.items():
-      probe_rows = [r for r in entry.get("linear_probe", {}).get(dataset, {}).get("fractions", [])
-                    if r["mean"] is not None]
-      if probe_rows:
-        probe_rows.sort(key=lambda r: r["fraction"])
-        ax.errorbar([r["fraction"] for r in probe_rows], [100 * r["mean"] for r in probe_rows],
-                    yerr=[100 * r["std"] for r in probe_rows], marker="o", capsize=4, label=method)
-    ax.set_xscale("log")
-    ax.set_xticks(sorted(fractions), [_fraction_label(f) for f in sorted(fractions)])
-    ax.minorticks_off()
-    ax.set_xlabel("fraction of training labels")
-    ax.set_ylabel(METRIC_NAMES[metric])
-    ax.set_title(f"{dataset} linear probe")
-    ax.grid(alpha=0.3)
-    ax.legend()
-  _save(fig, out_png)
+      by_fraction = _probe_rows(entry.get(protocol))
+      if not by_fraction:
+        continue
+      row = [method]
+      for f in fractions:
+        r = by_fraction.get(f)
+        row.append(MISSING if r is None or r["mean"] is None else f"{_pct(r['mean'])} ± {_pct(r['std'])}")
+      rows.append(row)
+    sizes = {}
+    for entry in methods.values():
+      for f, r in _probe_rows(entry.get(protocol)).items():
+        sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
+    size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
+                          for f in fractions)
+    lines += ["", f"## {TRANSFER_PROTOCOLS[protocol]}", ""]
+    lines += _table(["Method"] + [fraction_label(f) for f in fractions], rows)
+    lines += ["", f"{unit}, mean ± std over seeds; training examples {size_text}."]
+  zeroshot = {m: e["zeroshot"] for m, e in methods.items() if "zeroshot" in e}
+  if zeroshot:
+    lines += ["", f"## {TRANSFER_PROTOCOLS['zeroshot']}", ""]
+    lines += _table(["Method", unit], [[m, _pct(z["main"])] for m, z in zeroshot.items()])
+  label_names = list(results.get("label_names", []))
+  if label_names:
+    lines += ["", f"## Per label ({unit}; {MISSING} = not scorable)"]
+    for protocol in ("linear", "finetune"):
+      rows = []
+      for method, entry in methods.items():
+        for f, r in sorted(_probe_rows(entry.get(protocol)).items()):
+          rows.append([method, fraction_label(f)] + [_pct(r["per_label"].get(n)) for n in label_names])
+      if rows:
+        lines += ["", f"### {TRANSFER_PROTOCOLS[protocol]}", ""]
+        lines += _table(["Method", "Label fraction"] + label_names, rows)
+    if zeroshot:
+      lines += ["", "### Zero-shot", ""]
+      lines += _table(["Method"] + label_names,
+                      [[m] + [_pct(z["per_label"].get(n)) for n in label_names] for m, z in zeroshot.items()])
+  excluded = [f"- {method} / {protocol}: {name}: {reason}"
+              for method, entry in methods.items() for protocol, value in entry.items()
+              for name, reason in value.get("excluded_labels", {}).items()]
+  if excluded:
+    lines += ["", "## Excluded labels", ""] + excluded
+  return "\n".join(lines) + "\n"
+
+
+def write_transfer_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tuple[str, str]:
+  """Writes workdir/results.json and workdir/results.md of the transfer job; returns their paths."""
+  ready = to_json_ready(results)
+  validate_transfer_results(ready)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  json_path, md_path = workdir / "results.json", workdir / "results.md"
+  _write_text(json_path, json.dumps(ready, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+  _write_text(md_path, transfer_markdown(ready))
+  return os.fspath(json_path), os.fspath(md_path)

@@ -1,0 +1,329 @@
+"""The pretraining job: data, model, resume, the training loop, checkpoints, then the evaluations.
+
+  python -m convirt_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+
+`main.py` calls `run`. Everything reusable (state, optimizer, steps, checkpoints, logging) is in
+`convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
+"""
+import json
+import os
+import shutil
+import signal
+import threading
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from convirt_jax import config as config_lib
+from convirt_jax import parallel
+from convirt_jax.data import datasets, pipeline
+from convirt_jax.errors import ConfigError, DataError, TrainingDiverged, UserError
+from convirt_jax.evaluate import downstream, plots, results as results_lib
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.interop.hf_bert import load_hf_bert, resolve_hf_dir
+from convirt_jax.interop.torchvision_resnet import load_imagenet_resnet
+from convirt_jax.models import convirt
+from convirt_jax.models.bert import BertConfig
+from convirt_jax.tokenizer import Tokenizer
+from convirt_jax.training import checkpoints, metric_logging
+from convirt_jax.training import optimizer as optimizer_lib
+from convirt_jax.training import state as state_lib
+from convirt_jax.training import steps as steps_lib
+
+LOSS_CURVE_PNG = "loss_curve.png"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains (or resumes), evaluates and writes everything into `workdir`; returns the results."""
+  config_lib.validate(config)
+  if "://" in workdir:
+    raise ConfigError(f"--workdir={workdir}: give a filesystem path; for a bucket shared by several hosts, "
+                      "mount it (e.g. gcsfuse) at the same path on every host")
+  parallel.initialize(config.distributed)
+  mesh = parallel.make_mesh()
+  local_batch = parallel.local_batch_size(config.train.batch_size, mesh)  # ConfigError if indivisible
+  resume_step = _resume_step(config, workdir)
+  data_dir = config.data.tfds_dir or os.path.join(workdir, "tfds")
+  if parallel.is_main_process():
+    datasets.check_raw_data(config, data_dir)  # names missing files before any weights are fetched
+  # The weights the config names are found (or fetched) before the long data build, not after it.
+  text_dir = resolve_hf_dir(config.model.text.init_from) if config.model.text.init_from else ""
+  pretrained_image = _pretrained_image(config)
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    dataset = datasets.load_dataset(config, data_dir, is_builder_process=parallel.is_main_process())
+    if len(dataset.sources.get("train", ())) == 0:
+      raise DataError(f"the {config.data.name} data set has no train split")
+  except UserError:
+    if created and parallel.is_main_process():
+      shutil.rmtree(workdir, ignore_errors=True)  # a failed first command leaves no empty workdir
+    raise
+  # Opened once the config and data are known good: its background threads must not outlive an error.
+  manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep,
+                                     best_metric=config.checkpoint.keep_best_metric)
+  try:
+    return _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, resume_step,
+                               text_dir, pretrained_image)
+  finally:
+    manager.close()  # waits for a save in flight, whatever stopped the run
+
+
+def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """The step a run in `workdir` resumes from (0: a fresh run), after checking the configs agree."""
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    return 0
+  reader = checkpoints.make_manager(workdir, read_only=True)
+  step = reader.latest_step() or 0
+  if step:
+    _check_resumable(checkpoints.restore_meta(reader, step)["config"], config, workdir)
+  reader.close()
+  return step
+
+
+def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, resume_step: int,
+                        text_dir: str, pretrained_image) -> dict[str, Any]:
+  is_main = parallel.is_main_process()
+  tokenizer, text_config, text_params = setup_text(config, dataset, workdir, text_dir,
+                                                   resuming=resume_step > 0)
+  # The start of training and the ImageNet baseline of the evaluation.
+  pretrained = {"params": {}, "batch_stats": {}}
+  if pretrained_image is not None:
+    pretrained["params"]["image"] = pretrained_image["params"]
+    pretrained["batch_stats"]["image"] = pretrained_image["batch_stats"]
+  if text_params is not None:
+    pretrained["params"]["text"] = text_params
+  model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
+  steps_total = total_steps(config, len(dataset.sources["train"]))
+  image_size, text_length = config.data.image_size, config.model.text.max_length
+  shapes = state_lib.param_shapes(model, image_size, text_length)
+  optimizer = optimizer_lib.make_optimizer(config, shapes, steps_total)
+  _announce(optimizer_lib.describe_parameters(shapes, config.model.text.frozen_layers))
+
+  state = state_lib.init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size,
+                                     text_length, params_override=pretrained)
+  state = parallel.replicate(state, mesh)
+  train_iter = iter(pipeline.train_loader(
+      dataset.sources["train"], tokenizer, config, local_batch_size=local_batch, seed=config.train.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count()))
+  if resume_step:
+    state, _ = checkpoints.restore(manager, resume_step, checkpoints.abstract_like(state),
+                                   data_iterator=train_iter)
+    _announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
+  elif is_main:
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  train_step = steps_lib.make_train_step(model, optimizer, config, mesh)
+  eval_step = steps_lib.make_eval_step(model, config, mesh)
+  logger = metric_logging.MetricLogger(workdir, enabled=is_main, resume_step=resume_step)
+  preempted = _SigtermFlag()
+  bar = metric_logging.progress_bar(steps_total, resume_step, enabled=is_main)
+  window = []  # metrics since the last log, still on the devices
+  step = resume_step
+  try:
+    while step < steps_total:
+      state, metrics = train_step(state, parallel.shard_batch(steps_lib.model_inputs(next(train_iter)), mesh))
+      step += 1
+      window.append(metrics)
+      bar.update(1)
+      last, stopping = step == steps_total, preempted.is_set(manager, step)
+      save_now = last or stopping or step % config.checkpoint.every_steps == 0
+      if window and (save_now or step % config.train.log_every_steps == 0):
+        summary = _summarise(window)  # raises TrainingDiverged: nothing after the last good save is saved
+        window = []
+        logger.write(step, summary)
+        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", lr=f"{summary['train/lr']:.2e}")
+      val_metrics = {}
+      if (last or step % config.eval.every_steps == 0) and "validation" in dataset.sources:
+        val_metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config,
+                                      mesh)
+        logger.write(step, val_metrics)
+        if config.optimizer.schedule == "plateau":
+          plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]),
+                                                           val_metrics["val/loss"], config)
+          state["plateau"] = parallel.replicate(plateau, mesh)
+          state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"],
+                                                               config.optimizer.lr * scale)
+      if save_now or val_metrics:
+        best_key = config.checkpoint.keep_best_metric
+        checkpoints.save(manager, step, state, data_iterator=train_iter,
+                         meta={"config": config.to_dict(), "step": step},
+                         metrics={best_key: val_metrics[best_key]} if best_key in val_metrics else None)
+      if stopping and not last:
+        _announce(f"Preempted: saved step {step}; run the same command to resume.")
+        return {}
+  finally:
+    bar.close()
+    preempted.restore()
+  if is_main:
+    metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
+    plots.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
+  manager.wait_until_finished()
+  evaluated_step = checkpoints.resolve_step(manager, "best")
+  _announce(f"Evaluating the best checkpoint by {config.checkpoint.keep_best_metric} (step "
+            f"{evaluated_step}): {', '.join(config.evals)}...")
+  results = evaluate_downstream(config, workdir, model, pretrained, evaluated_step, dataset, tokenizer,
+                                mesh, steps_total)
+  logger.close()
+  _announce(f"\n{results_lib.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
+  return results
+
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  if config.train.steps > 0:
+    return int(config.train.steps)
+  return max(1, int(config.train.epochs * num_train // config.train.batch_size))
+
+
+def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_dir: str, resuming: bool):
+  """The tokenizer, BertConfig and (when initialised from a checkpoint) BERT params of this run.
+
+  The tokenizer and BertConfig are written into the workdir, so the run can be loaded (ConVIRT.load,
+  export) without the original checkpoint directory. A resumed run keeps the tokenizer it was trained
+  with. Every process builds the same tokenizer itself (a corpus vocabulary is deterministic), so no
+  process waits for another.
+  """
+  text = config.model.text
+  tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
+  text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
+  if resuming:
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+  elif text.tokenizer == "corpus":
+    train = dataset.sources["train"]
+    texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
+    tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=text.max_length)
+  else:
+    tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer) if text.tokenizer else text_dir,
+                                          max_length=text.max_length)
+  if parallel.is_main_process() and not resuming:
+    tokenizer.save(tokenizer_dir)
+  text_params = None
+  if text_dir:
+    text_config, text_params = load_hf_bert(text_dir)
+  else:
+    text_config = BertConfig.from_dict({**text.config.to_dict(), "vocab_size": tokenizer.vocab_size})
+  if text_config.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the BERT's vocab_size is "
+                      f"{text_config.vocab_size} (config.model.text.tokenizer / init_from)")
+  if text_config.max_position_embeddings < text.max_length:
+    raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
+                      f"max_position_embeddings={text_config.max_position_embeddings}")
+  if parallel.is_main_process():
+    _write_json(text_config_path, text_config.to_dict())
+  return tokenizer, text_config, text_params
+
+
+def _pretrained_image(config: ml_collections.ConfigDict):
+  """{"params", "batch_stats"} of model.image.init_from (torchvision weights), or None."""
+  image = config.model.image
+  if not image.init_from:
+    return None
+  return load_imagenet_resnet(image.init_from, image.depth, image.width, image.small_stem)
+
+
+def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[str, float]:
+  """Mean over the validation batches of the contrastive loss terms (whole reports, no augmentation)."""
+  batch_size = features_lib.per_process_batch(config.eval.batch_size, mesh)
+  totals, batches = {}, 0
+  for batch in pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
+                                     shard_index=jax.process_index(), shard_count=jax.process_count()):
+    inputs = dict(steps_lib.model_inputs(batch), mask=batch["mask"])
+    metrics = parallel.fetch(eval_step(state, parallel.shard_batch(inputs, mesh)))
+    for key, value in metrics.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+    batches += 1
+  return {f"val/{key}": value / batches for key, value in totals.items()}
+
+
+def evaluate_downstream(config, workdir, model, pretrained, step, dataset, tokenizer, mesh,
+                        steps_total) -> dict[str, Any]:
+  """The evaluators of config.evals for ConVIRT (the checkpoint at `step`) and the baselines.
+
+  `model` is the training model: in inference mode its BatchNorm uses running statistics and never
+  touches the mesh axis, and reusing it reuses its compiled initialiser. `pretrained` holds the
+  torchvision / Hugging Face weights the run started from (the "ImageNet Init." baseline).
+  """
+  dummy = state_lib.dummy_inputs(config.data.image_size, config.model.text.max_length)
+  weights = {"ConVIRT": checkpoints.restore_variables(workdir, step)}
+  if config.model.image.init_from:
+    weights["ImageNet Init."] = state_lib.init_variables(
+        model, state_lib.init_rng(config.train.seed), *dummy, params_override=pretrained)
+  if config.eval.random_init_baseline:
+    # Another seed than training's, so the baseline is not the trained model's own starting point.
+    weights["Random Init."] = state_lib.init_variables(model, state_lib.init_rng(config.train.seed + 1),
+                                                      *dummy)
+  run_info = {"config": config.data.name, "workdir": workdir, "steps": steps_total,
+              "evaluated_step": int(step), "global_batch_size": config.train.batch_size,
+              "devices": jax.device_count(), "processes": jax.process_count()}
+  return downstream.run_downstream(config, workdir, model, weights, dataset, tokenizer, mesh, run_info)
+
+
+def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means over the window's steps, prefixed "train/"; a non-finite loss stops the run."""
+  values = parallel.fetch(window)
+  summary = {f"train/{key}": float(np.mean([m[key] for m in values])) for key in values[0]}
+  for metrics in values:
+    if not np.isfinite(metrics["loss"]):
+      raise TrainingDiverged(
+          f"the training loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); "
+          "stopped without saving it, the last good checkpoint is kept. Lower optimizer.lr or set "
+          "optimizer.grad_clip_norm, then run the same command to resume from that checkpoint.")
+  return summary
+
+
+# What a checkpoint's meaning depends on: resuming with another value would restore nonsense.
+_RESUME_KEYS = ("model", "loss", "data.name", "data.dir", "data.csv", "data.image_size",
+                "data.stored_size", "data.label_columns", "train.batch_size", "train.seed")
+
+
+def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Names the first key whose value differs from the run saved in `workdir`."""
+  flatten = lambda tree: flax.traverse_util.flatten_dict(tree, sep=".")
+  old, new = flatten(saved), flatten(config.to_dict())
+  for key in sorted(new):
+    if key.startswith(_RESUME_KEYS) and _jsonable(old.get(key)) != _jsonable(new[key]):
+      raise ConfigError(f"{workdir} holds a run with config.{key}={old.get(key)!r}, this config has "
+                        f"{new[key]!r}: use another --workdir, or the same config to resume")
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (preemption) while training; with several processes orbax agrees on the step to
+  stop at. `restore()` gives SIGTERM back its previous handler."""
+
+  def __init__(self):
+    self._set = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._set = True
+
+  def is_set(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self._set
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def _announce(message: str) -> None:
+  if parallel.is_main_process():
+    print(message, flush=True)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2, default=str)
+
