@@ -87,6 +87,14 @@ class BertConfig:
     }
 
 
+# Rematerialisation policy for `remat=True`: keep only each layer's input. The usual transformer
+# alternative, dots_with_no_batch_dims_saveable, would still keep the outputs of all six projections
+# (q, k, v, attention output, the 4H-wide intermediate, output), over half of what a layer stores;
+# dots_saveable would add the [N, heads, T, T] attention scores. Recomputing a layer costs one more
+# forward of it (~1/3 more FLOPs per step), the price of a bigger per-device contrastive batch.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
+
 def _normal_init(stddev: float):
   return nn.initializers.normal(stddev=stddev)
 
@@ -188,11 +196,18 @@ class BertLayer(nn.Module):
 class BertLayerStack(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
+    layer_cls = BertLayer
+    if self.remat:
+      # Lifting the class keeps `name=` and so the parameter paths (`layer_3/attention/...`). Argument 3
+      # (`deterministic`, counting self as 0) is a Python bool. Dropout masks are redrawn from the same
+      # rng in the recomputation, so they are the masks of the forward pass.
+      layer_cls = nn.remat(BertLayer, static_argnums=(3,), policy=REMAT_POLICY)
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+      x = layer_cls(self.config, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
     return x
 
 
@@ -200,10 +215,12 @@ class BertEncoder(nn.Module):
   """HF `BertModel` up to `last_hidden_state` (no pooler).
 
   `dtype` is the matmul dtype; parameters, LayerNorm, softmax and the returned states are float32.
-  With `deterministic=False`, dropout draws from the "dropout" rng collection.
+  With `deterministic=False`, dropout draws from the "dropout" rng collection. `remat=True` recomputes
+  each layer's activations in the backward pass (`REMAT_POLICY`): same parameters and numbers, less memory.
   """
   config: BertConfig
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -216,7 +233,7 @@ class BertEncoder(nn.Module):
     x = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids, deterministic)
     # [N, 1 (heads), 1 (queries), T (keys)]: padded keys get no attention.
     mask = (attention_mask > 0)[:, None, None, :]
-    return BertLayerStack(self.config, self.dtype, name="encoder")(x, mask, deterministic)
+    return BertLayerStack(self.config, self.dtype, self.remat, name="encoder")(x, mask, deterministic)
 
 
 def pool_text(hidden: jax.Array, attention_mask: jax.Array, kind: str) -> jax.Array:
