@@ -18,8 +18,8 @@ import tensorflow_datasets as tfds
 
 from convirt_jax.config import base_config
 from convirt_jax.data import datasets
-from convirt_jax.data import reports
-from convirt_jax.data import synthetic
+from convirt_jax.data import radiology_reports
+from convirt_jax.data import synthetic_cxr
 from convirt_jax.data.builders import common
 from convirt_jax.data.builders import csv_pairs
 from convirt_jax.data.builders import synthetic as synthetic_builder
@@ -107,9 +107,9 @@ def test_synthetic_builds_and_reads_back_what_the_generator_made(tmp_path):
   dataset = datasets.load_dataset(_synthetic_config(), str(tmp_path))
   assert {k: len(v) for k, v in dataset.sources.items()} == {
       "train": 5, "validation": 2, "test": 2, "retrieval_candidates": 16, "retrieval_queries": 8}
-  assert dataset.label_names == list(synthetic.LABEL_NAMES)
+  assert dataset.label_names == list(synthetic_cxr.LABEL_NAMES)
   assert dataset.task == "multilabel"
-  assert dataset.retrieval_text_queries == synthetic.RETRIEVAL_TEXT_QUERIES
+  assert dataset.retrieval_text_queries == synthetic_cxr.RETRIEVAL_TEXT_QUERIES
   assert dataset.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
   # Readable by name through TFDS too (no TensorFlow): the same records.
   path = datasets.prepared_dir(_synthetic_config(), str(tmp_path))
@@ -121,12 +121,12 @@ def test_synthetic_builds_and_reads_back_what_the_generator_made(tmp_path):
   assert raw["image"].shape == (32, 32, 1) and raw["image"].dtype == np.uint8
   for split in ("train", "test"):
     for index, record in enumerate(_records(dataset.sources[split])):
-      study = synthetic.generate_study(0, split, index, 32)
+      study = synthetic_cxr.generate_study(0, split, index, 32)
       assert record["id"] == f"synthetic/{split}/{index}"
       np.testing.assert_array_equal(record["image"], study["image"])  # PNG: lossless
       np.testing.assert_array_equal(record["labels"], study["labels"])
       assert record["report"] == study["report"]
-      assert record["text"] == "\n".join(reports.report_sentences(study["report"]))
+      assert record["text"] == "\n".join(radiology_reports.report_sentences(study["report"]))
   for split, per_category in (("retrieval_candidates", 2), ("retrieval_queries", 1)):
     labels = np.stack([r["labels"] for r in _records(dataset.sources[split])])
     np.testing.assert_array_equal(labels.sum(axis=1), 1.0)  # exactly one positive
@@ -219,11 +219,15 @@ def test_csv_text_is_findings_and_impression_or_all_sentences(tmp_path):
   assert train["labels"].shape == (0,) and dataset.label_names == []
 
 
-def test_hashed_split_is_about_80_10_10():
-  splits = [csv_pairs._hashed_split(f"patient-{i}") for i in range(20000)]
-  fractions = {name: splits.count(name) / len(splits) for name in common.SPLITS}
-  assert abs(fractions["train"] - 0.8) < 0.015 and abs(fractions["validation"] - 0.1) < 0.01
-  assert abs(fractions["test"] - 0.1) < 0.01
+def test_planned_split_is_80_10_10_by_rows():
+  rng = np.random.default_rng(0)
+  groups = {f"patient-{i}": (int(rng.integers(1, 4)), np.zeros(0), np.zeros(0)) for i in range(3000)}
+  plan = csv_pairs.plan_splits(groups)
+  rows = {name: sum(groups[k][0] for k, s in plan.items() if s == name) for name in common.SPLITS}
+  total = sum(rows.values())
+  assert abs(rows["train"] / total - 0.8) < 0.002 and abs(rows["validation"] / total - 0.1) < 0.002
+  assert abs(rows["test"] / total - 0.1) < 0.002
+  assert csv_pairs.plan_splits(dict(reversed(list(groups.items())))) == plan  # input order does not matter
 
 
 def test_csv_group_split_keeps_groups_together_and_is_deterministic(tmp_path):
@@ -244,8 +248,6 @@ def test_csv_group_split_keeps_groups_together_and_is_deterministic(tmp_path):
   assert first == second and len(first) == 90
   for group in range(30):
     assert len({first[f"g{group}_{view}.png"] for view in range(3)}) == 1
-  for name, split in first.items():
-    assert split == csv_pairs._hashed_split("patient-" + name[1:].split("_")[0])
   assert set(first.values()) == set(common.SPLITS)
 
 
@@ -254,8 +256,14 @@ def test_csv_categorical_column_is_one_hot_multiclass(tmp_path):
   views = ["PA", "AP", "LATERAL", "AP", ""]
   rows = [("a.png", f"Study number {i} is unremarkable.", "train", view) for i, view in enumerate(views)]
   _write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "view"], rows)
-  dataset = datasets.load_dataset(_csv_config(tmp_path / "pairs.csv", label_columns=("view",)),
-                                  str(tmp_path / "tfds"))
+  # Classes of 1 or 2 rows: "auto" does not guess, the task must be confirmed.
+  with pytest.raises(DataError, match=r"'view' was inferred to be categorical .* 'AP' \(2 rows: lines 3, "
+                                      r"5\), 'LATERAL' \(1 row: line 4\), 'PA' \(1 row: line 2\).*"
+                                      r"task='multiclass'"):
+    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("view",)),
+                          str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(
+      _csv_config(tmp_path / "pairs.csv", label_columns=("view",), task="multiclass"), str(tmp_path / "tfds"))
   assert dataset.label_names == ["AP", "LATERAL", "PA"] and dataset.task == "multiclass"
   labels = np.stack([r["labels"] for r in _records(dataset.sources["train"])])
   np.testing.assert_array_equal(labels, [[0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 0, 0]])
@@ -265,8 +273,17 @@ def test_csv_categorical_column_is_one_hot_multiclass(tmp_path):
 def test_csv_label_column_errors(tmp_path):
   _write_csv(tmp_path / "pairs.csv", ["image", "text", "edema", "view"],
              [("a.png", "Lungs are clear today.", "1", "PA"), ("b.png", "Lungs are clear today.", "0", "2")])
-  with pytest.raises(DataError, match=r"line 2: label column 'view' has value 'PA'"):
+  with pytest.raises(DataError, match=r"label column 'view' is binary but for '2' \(1 row: line 3\), 'PA' "
+                                      r"\(1 row: line 2\).*"
+                                      r"task='multilabel'"):
     datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view")), str(tmp_path))
+  with pytest.raises(DataError, match=r"needs exactly one label column"):
+    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view"),
+                                      task="multiclass"), str(tmp_path))
+  many = [(f"{i}.png", "Lungs are clear today.", "1", "PA" if i % 2 else "1") for i in range(10)]
+  _write_csv(tmp_path / "many.csv", ["image", "text", "edema", "view"], many)
+  with pytest.raises(DataError, match=r"line 3: label column 'view' has value 'PA'; with several"):
+    datasets.make_builder(_csv_config(tmp_path / "many.csv", label_columns=("edema", "view")), str(tmp_path))
   with pytest.raises(DataError, match=r"pairs.csv: missing required column 'effusion'"):
     datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "effusion")),
                           str(tmp_path))
@@ -323,7 +340,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
 def test_strict_stops_at_the_bad_record_naming_it(tmp_path, reason, file):
   csv_path = _bad_input_csv(tmp_path, [GOOD_ROW, BAD_ROWS[reason]])
   reason = common.CORRUPT_IMAGE if reason == "truncated" else reason
-  with pytest.raises(DataError, match=rf"{reason} in record line 3 \({file}\)"):
+  with pytest.raises(DataError, match=rf"{reason} in record .*pairs.csv line 3 \({file}\)"):
     datasets.load_dataset(_csv_config(csv_path, strict=True), str(tmp_path / "tfds"))
 
 
@@ -332,6 +349,116 @@ def test_a_split_left_empty_is_an_error(tmp_path):
              [("missing.png", "Lungs are clear today.", "train")])
   with pytest.raises(DataError, match="convirt_csv_pairs train: no usable record"):
     datasets.load_dataset(_csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
+
+
+def test_csv_split_without_split_column_is_stratified_by_label_within_groups(tmp_path):
+  # 40 patients x 2 views. Positives: "common" in every other patient, "rare" in 3 patients, "pair" in 2,
+  # "single" in 1 (a hash split of so few groups often leaves a split with one class).
+  rows = []
+  for patient in range(40):
+    for view in range(2):
+      name = f"p{patient}_{view}.png"
+      _save(tmp_path / name, np.full((8, 8), patient, np.uint8))
+      labels = [patient % 2, patient in (5, 17, 33), patient in (8, 21), patient == 12]
+      rows.append((name, f"Patient {patient} view {view} report.", f"patient-{patient}",
+                   *(str(int(v)) for v in labels)))
+  names = ["common", "rare", "pair", "single"]
+  _write_csv(tmp_path / "pairs.csv", ["image", "text", "group", *names], rows)
+  dataset = datasets.load_dataset(_csv_config(tmp_path / "pairs.csv", label_columns=tuple(names)),
+                                  str(tmp_path / "tfds"))
+  records = {split: _records(source) for split, source in dataset.sources.items()}
+  assert set(records) == set(common.SPLITS) and sum(map(len, records.values())) == 80
+  split_of = {r["id"]: split for split, rs in records.items() for r in rs}
+  for patient in range(40):
+    assert split_of[f"p{patient}_0.png"] == split_of[f"p{patient}_1.png"]  # patients never cross splits
+  positives = {split: np.stack([r["labels"] for r in rs]).sum(axis=0) for split, rs in records.items()}
+  sizes = {split: len(rs) for split, rs in records.items()}
+  for split in common.SPLITS:
+    for j in (0, 1):  # common and rare: both classes in every split
+      assert 0 < positives[split][j] < sizes[split], (split, names[j])
+  assert positives["train"][2] > 0 and positives["test"][2] > 0  # two positive patients: train and test
+  assert sizes["train"] >= 56 and sizes["validation"] >= 6 and sizes["test"] >= 6
+  # The counts are in the metadata, and say what the probe cannot score.
+  for split, rs in records.items():
+    labels = np.stack([r["labels"] for r in rs])
+    assert dataset.info.metadata["label_counts"][split] == {
+        name: {"positive": int((labels[:, j] == 1).sum()), "negative": int((labels[:, j] == 0).sum()),
+               "uncertain": 0, "not_mentioned": 0} for j, name in enumerate(names)}
+  assert datasets.unscorable_labels(dataset) == {
+      "single": f"single class in the test split: 0 positive, {sizes['test']} negative ({sizes['test']} "
+                "labelled 0, 0 uncertain, 0 not mentioned)"}
+  assert set(datasets.unscorable_labels(dataset, ("validation",))) == {"pair", "single"}
+
+
+def test_unscorable_labels_counts_the_records_when_the_metadata_has_no_counts(tmp_path):
+  dataset = datasets.load_dataset(_synthetic_config(num_test=3), str(tmp_path))  # synthetic: no label_counts
+  labels = np.stack([r["labels"] for r in _records(dataset.sources["test"])])
+  expected = {name for j, name in enumerate(dataset.label_names)
+              if labels[:, j].all() or not labels[:, j].any()}
+  assert set(datasets.unscorable_labels(dataset, ("test",))) == expected
+  first = dataset.label_names[0]
+  assert datasets.label_counts(dataset, "test")[first]["positive"] == int((labels[:, 0] == 1).sum())
+
+
+def test_strict_load_refuses_a_dataset_built_without_strict_that_skipped_records(tmp_path):
+  csv_path = _bad_input_csv(tmp_path, [GOOD_ROW, BAD_ROWS[common.CORRUPT_IMAGE],
+                                       BAD_ROWS[common.MISSING_IMAGE],
+                                       ("good.png", "Mild cardiomegaly is present.", "test")])
+  tfds_dir = str(tmp_path / "tfds")
+  datasets.load_dataset(_csv_config(csv_path), tfds_dir)
+  strict = _csv_config(csv_path, strict=True)
+  path = datasets.prepared_dir(strict, tfds_dir)
+  assert path == datasets.prepared_dir(_csv_config(csv_path), tfds_dir)  # strict does not name the directory
+  with pytest.raises(DataError) as error:
+    datasets.load_dataset(strict, tfds_dir, is_builder_process=False)  # every process refuses it
+  message = str(error.value)
+  for part in ("config.data.strict=True", path, "train: corrupt_image 1, missing_image 1", f"rm -r {path}",
+               "config.data.tfds_dir"):
+    assert part in message
+  assert "test:" not in message  # nothing skipped there
+  shutil.rmtree(path)  # as the message says: the rebuild is strict and stops at the bad record
+  with pytest.raises(DataError, match=r"corrupt_image in record .*pairs.csv line 3"):
+    datasets.load_dataset(strict, tfds_dir)
+  assert not os.path.exists(path)
+  _write_csv(tmp_path / "clean.csv", ["image", "text", "split"], [GOOD_ROW])
+  datasets.load_dataset(_csv_config(tmp_path / "clean.csv"), tfds_dir)
+  clean = datasets.load_dataset(_csv_config(tmp_path / "clean.csv", strict=True), tfds_dir)
+  assert len(clean.sources["train"]) == 1
+
+
+def test_csv_stray_label_value_stops_auto_and_is_a_bad_label_once_binary_is_confirmed(tmp_path):
+  _save(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+  values = ["1", "0"] * 10 + ["maybe", "nan", "", "NA", "2"]
+  rows = [("a.png", f"Report number {i} shows clear lungs.", "train", v) for i, v in enumerate(values)]
+  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "edema"], rows)
+  config = lambda **data: _csv_config(tmp_path / "pairs.csv", label_columns=("edema",), **data)
+  tfds_dir = str(tmp_path / "tfds")
+  with pytest.raises(DataError, match=r"pairs.csv: label column 'edema' was inferred to be categorical "
+                                      r"\(task 'multiclass', one class per value\) from its values '0' \(10 "
+                                      r"rows\), '1' \(10 rows\), '2' \(1 row: line 26\), 'maybe' \(1 row: "
+                                      r"line 22\), only because of '2' .*, 'maybe' .*task='binary'.*"
+                                      r"task='multiclass'"):
+    datasets.load_dataset(config(), tfds_dir)
+  with pytest.raises(DataError, match=r"bad_label in record .*pairs.csv line 22 \(a.png\): edema='maybe' "
+                                      r"is not 1, 0, -1 \(uncertain\), blank or NaN"):
+    datasets.load_dataset(config(task="binary", strict=True), tfds_dir)
+  binary = datasets.load_dataset(config(task="binary"), tfds_dir)
+  assert binary.task == "multilabel" and binary.label_names == ["edema"]
+  assert binary.info.metadata["skipped"]["train"] == {common.BAD_LABEL: 2}
+  labels = [r["labels"][0] for r in _records(binary.sources["train"])]
+  assert labels[:20] == [1.0, 0.0] * 10 and len(labels) == 23
+  assert np.isnan(labels[20:]).all()  # nan, "", NA: not mentioned
+  assert binary.info.metadata["label_counts"]["train"]["edema"] == {
+      "positive": 10, "negative": 10, "uncertain": 0, "not_mentioned": 3}
+  multiclass = datasets.load_dataset(config(task="multiclass"), tfds_dir)
+  assert multiclass.label_names == ["0", "1", "2", "maybe"] and multiclass.task == "multiclass"
+  assert multiclass.info.metadata["skipped"]["train"] == {common.MISSING_LABEL: 3}
+  # A value that is not rare makes a categorical label without asking.
+  _write_csv(tmp_path / "views.csv", ["image", "text", "split", "edema"],
+             [(f"{i}.png", "Lungs are clear.", "train", v) for i, v in enumerate(["1", "0", "maybe"] * 4)])
+  builder = datasets.make_builder(_csv_config(tmp_path / "views.csv", label_columns=("edema",)), tfds_dir)
+  assert builder.info.metadata["task"] == "multiclass" and builder.info.metadata["label_names"] == [
+      "0", "1", "maybe"]
 
 
 # --- MIMIC-CXR-JPG --------------------------------------------------------------------------------
@@ -485,7 +612,7 @@ def test_mimic_builds_one_record_per_frontal_image_with_its_report_and_chexpert_
   for record_id, record in records.items():
     study = record_id.split("/")[2][1:]
     assert record["report"] == MIMIC_REPORTS[study]
-    assert record["text"] == "\n".join(reports.report_sentences(MIMIC_REPORTS[study]))
+    assert record["text"] == "\n".join(radiology_reports.report_sentences(MIMIC_REPORTS[study]))
     np.testing.assert_array_equal(record["labels"], _expected_labels(study))  # NaN == NaN here
     assert record["image"].shape == (20, 16) and record["image"].dtype == np.uint8
   assert records["p10/p10000032/s50000001/d01-pa.jpg"]["text"] == (
@@ -551,12 +678,17 @@ def test_mimic_missing_file_names_it_and_the_expected_layout(tmp_path, remove, m
     assert part in str(error.value)
 
 
-def test_mimic_bad_chexpert_value_names_the_line(tmp_path):
+def test_mimic_bad_chexpert_value_is_a_bad_label_or_names_the_line(tmp_path):
   root = _fake_mimic(tmp_path / "mimic")
   path = root / "mimic-cxr-2.0.0-chexpert.csv"
-  path.write_text(path.read_text().replace("-1.0", "maybe"))
-  with pytest.raises(DataError, match=r"chexpert.csv line 2: Pleural Effusion='maybe'"):
-    datasets.load_dataset(_mimic_config(root), str(tmp_path / "tfds"))
+  path.write_text(path.read_text().replace("-1.0", "maybe").replace("0.0", "NaN", 1))
+  with pytest.raises(DataError, match=r"bad_label in record p10/p10000032/s50000001/d01-pa.jpg: "
+                                      r".*chexpert.csv line 2: Pleural Effusion='maybe' is not 1, 0, -1"):
+    datasets.load_dataset(_mimic_config(root, strict=True), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(_mimic_config(root), str(tmp_path / "tfds"))
+  assert dataset.info.metadata["skipped"]["train"][common.BAD_LABEL] == 1
+  labels = _by_id(dataset)["p10/p10000032/s50000002/d03-ap.jpg"]["labels"]
+  assert np.isnan(labels[CHEXPERT.index("Pneumothorax")])  # "NaN" written out: not mentioned
 
 
 # --- load_dataset and decode_record ---------------------------------------------------------------

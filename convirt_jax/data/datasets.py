@@ -5,20 +5,28 @@ Data contract (every builder): one record per image with its study's report,
   "report" text (as written), "text" text (findings + impression, one sentence per line),
   "labels" float32 [L] (1 / 0 / -1 uncertain / NaN not mentioned; L may be 0).
 Text features read back as bytes. Label names and the task ("multilabel" | "multiclass") are in the
-dataset's metadata. Splits: train, validation, test (those that have records) and, for the synthetic
-corpus, retrieval_candidates and retrieval_queries.
+dataset's metadata, with per split the skipped records by reason ("skipped") and, for the builders that
+count them, the positives/negatives per label ("label_counts": see `unscorable_labels`). Splits: train,
+validation, test (those that have records) and, for the synthetic corpus, retrieval_candidates and
+retrieval_queries.
 
 Where: <data_dir>/<builder name>/<config name: hash of the parameters>/<version>/. Changing a parameter
 that changes the data (sizes, seed, CSV content, ...) makes a new directory, never a silently stale one.
 
 Several processes: only the builder process (process 0) builds; the others poll for the finished
 dataset, which TFDS moves into place in one rename, so a directory with dataset_info.json is complete.
+A build killed half-way leaves only an incomplete.* directory beside it, which the next build (one job
+at a time per dataset, under a lock) removes before it starts anew.
 Every process must see `data_dir` (a shared file system) and, while the dataset is not built yet, the
 raw data (config.data.dir / config.data.csv); once built, the raw data is no longer read.
 """
+import contextlib
 import dataclasses
+import fcntl
 import importlib
 import os
+import re
+import shutil
 import time
 from typing import Any, Mapping
 
@@ -30,13 +38,19 @@ import tensorflow_datasets as tfds
 from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
 
-__all__ = ["DataError", "Dataset", "load_dataset", "decode_record", "make_builder", "prepared_dir"]
+__all__ = ["DataError", "Dataset", "load_dataset", "decode_record", "as_text", "make_builder",
+           "prepared_dir", "label_counts", "unscorable_labels"]
 
 # config.data.name -> (module, builder class) under convirt_jax.data.builders; imported on use.
 _BUILDERS = {
     "synthetic": ("synthetic", "SyntheticCxr"),
     "mimic_cxr": ("mimic_cxr", "MimicCxr"),
     "csv": ("csv_pairs", "CsvPairs"),
+    # The paper's downstream classification sets (images and labels, no reports).
+    "rsna": ("rsna", "RsnaPneumonia"),
+    "chexpert": ("chexpert", "Chexpert"),
+    "covidx": ("covidx", "Covidx"),
+    "mura": ("mura", "Mura"),
 }
 
 
@@ -73,8 +87,51 @@ def make_builder(config: ml_collections.ConfigDict, data_dir: str) -> tfds.core.
                      build_threads=int(config.data.build_threads), data_dir=data_dir)
 
 
+def check_raw_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Unless the dataset is built already, checks that its raw files and columns are there (reads no
+  image): a missing download is named before anything slow happens."""
+  if not _is_built(prepared_dir(config, data_dir)):
+    make_builder(config, data_dir)
+
+
 def _is_built(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+  """One build of `path` at a time: an flock on <config dir>/.build.lock, waited for if another job
+  holds it; yields whether it is held (False on a file system without flock). The OS drops it when
+  the builder ends, kill -9 included."""
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  fd = os.open(os.path.join(parent, ".build.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      held = True
+    except BlockingIOError:
+      print(f"Waiting for another job that is building {path}", flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      held = True
+    except OSError as e:
+      logging.warning("cannot lock %s for the build (%s): building without the lock", parent, e)
+      held = False
+    yield held
+  finally:
+    os.close(fd)
+
+
+def _remove_interrupted_builds(path: str) -> None:
+  """Deletes what killed builds of `path` left: TFDS writes into <config dir>/incomplete.XXXXXX_<version>/
+  and renames it to <version>/ only once complete, so a build killed half-way leaves that directory,
+  which nothing reads (a dataset is used only from <version>/ with its dataset_info.json) but which
+  holds up to a whole dataset's bytes. Called under the build lock, so none of them is being written."""
+  parent, version = os.path.split(path)
+  for name in sorted(os.listdir(parent)):
+    if re.fullmatch(rf"incomplete\.\w+_{re.escape(version)}", name):
+      print(f"Removing {os.path.join(parent, name)}, left by an interrupted build", flush=True)
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _wait_until_built(path: str, timeout_s: float, poll_interval_s: float) -> None:
@@ -108,19 +165,25 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   if not _is_built(path):
     if is_builder_process:
       builder = make_builder(config, data_dir)  # checks the raw data's files and columns first
-      print(f"Building the {config.data.name} dataset into {path}", flush=True)
-      tfds.disable_progress_bar()
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      with _build_lock(path) as exclusive:
+        if not _is_built(path):  # another job may have built it while this one waited for the lock
+          if exclusive:
+            _remove_interrupted_builds(path)
+          print(f"Building the {config.data.name} dataset into {path}", flush=True)
+          tfds.disable_progress_bar()
+          builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
     else:
       _wait_until_built(path, wait_timeout_s, poll_interval_s)
   # Read through the stored features and metadata: no raw data (or builder parameters) needed.
   reader = tfds.builder_from_directory(path)
   sources = {split: reader.as_data_source(split=split) for split in reader.info.splits}
   metadata = reader.info.metadata or {}
+  if config.data.strict:
+    _refuse_skipped_records(path, metadata)
   if retrieval_text_queries is None and config.data.name == "synthetic":
-    from convirt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    retrieval_text_queries = synthetic.RETRIEVAL_TEXT_QUERIES
+    from convirt_jax.data import synthetic_cxr  # pylint: disable=g-import-not-at-top
+    retrieval_text_queries = synthetic_cxr.RETRIEVAL_TEXT_QUERIES
   return Dataset(
       sources=sources,
       label_names=list(metadata.get("label_names", [])),
@@ -131,8 +194,68 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   )
 
 
-def _text(record: Mapping[str, Any], key: str) -> str:
-  value = record[key]
+def _refuse_skipped_records(path: str, metadata: Mapping[str, Any]) -> None:
+  """With data.strict, a dataset built earlier without it that skipped records is not used.
+
+  Strict is not one of the builder parameters that name the directory (it does not change the records a
+  clean build writes), so a strict job finds the non-strict build of the same data: checked here, on load.
+  """
+  skipped = {split: {reason: int(n) for reason, n in counts.items() if int(n)}
+             for split, counts in dict(metadata.get("skipped") or {}).items()}
+  skipped = {split: counts for split, counts in skipped.items() if counts}
+  if skipped:
+    summary = "; ".join(f"{split}: " + ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+                        for split, counts in sorted(skipped.items()))
+    raise DataError(f"config.data.strict=True, but the dataset in {path} was built without data.strict "
+                    f"and skipped records ({summary}). To rebuild it strictly (stopping at the first bad "
+                    f"record), delete that directory (rm -r {path}) or set config.data.tfds_dir to another "
+                    "directory; or set config.data.strict=False to use it as it is")
+
+
+def label_counts(dataset: Dataset, split: str) -> dict[str, dict[str, int]]:
+  """{label: {"positive", "negative", "uncertain", "not_mentioned": records}} of one split.
+
+  From the metadata the builder stored ("label_counts"), or counted from the records for a dataset built
+  without it (that reads the whole split).
+  """
+  stored = dict((dataset.info.metadata or {}).get("label_counts") or {})
+  if split in stored:
+    return {name: {kind: int(n) for kind, n in counts.items()}
+            for name, counts in dict(stored[split]).items()}
+  counter = common.LabelCounts(dataset.label_names)
+  source = dataset.sources[split]
+  for i in range(len(source)):
+    counter.add(source[i]["labels"])
+  return counter.as_dict()
+
+
+def unscorable_labels(dataset: Dataset, splits: tuple[str, ...] = ("train", "test")) -> dict[str, str]:
+  """{label: reason} of the labels the linear probe will not score, known before training.
+
+  The probe (`evaluate.linear_probe`) binarises labels as positive = 1 and negative = anything else (0,
+  -1 uncertain, NaN not mentioned); a label needs both in the training set and in the test set (for a
+  multiclass dataset, each class one-vs-rest). Labels of `splits` (train and test by default; pass
+  ("test",) for the test set only) with a single class, or a split that is missing, are returned with the
+  reason and the counts. {} when every label can be scored (or the dataset has no labels).
+  """
+  reasons = {}
+  for split in splits:
+    if split not in dataset.sources:
+      for name in dataset.label_names:
+        reasons.setdefault(name, f"no {split} split")
+      continue
+    for name, counts in label_counts(dataset, split).items():
+      positive = counts.get("positive", 0)
+      negative = sum(counts.values()) - positive
+      if name not in reasons and (positive == 0 or negative == 0):
+        reasons[name] = (f"single class in the {split} split: {positive} positive, {negative} negative ("
+                         f"{counts.get('negative', 0)} labelled 0, {counts.get('uncertain', 0)} uncertain, "
+                         f"{counts.get('not_mentioned', 0)} not mentioned)")
+  return reasons
+
+
+def as_text(value: Any) -> str:
+  """A text feature as str: records read back from a data source hold bytes (UTF-8)."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -140,16 +263,16 @@ def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
   """A raw record of a data source -> {"id", "report", "text": str, "image": uint8 [H, W], "labels"}."""
   missing = [k for k in ("id", "image", "report", "text", "labels") if k not in record]
   if missing:
-    record_id = _text(record, "id") if "id" in record else "<no id>"
+    record_id = as_text(record["id"]) if "id" in record else "<no id>"
     raise DataError(f"record {record_id!r} lacks {', '.join(missing)}")
   image = np.asarray(record["image"])
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 1):
-    raise DataError(f"record {_text(record, 'id')!r}: image must be uint8 [H, W] or [H, W, 1], got "
+    raise DataError(f"record {as_text(record['id'])!r}: image must be uint8 [H, W] or [H, W, 1], got "
                     f"{image.dtype} {list(image.shape)}")
   return {
-      "id": _text(record, "id"),
+      "id": as_text(record["id"]),
       "image": image.reshape(image.shape[:2]),
-      "report": _text(record, "report"),
-      "text": _text(record, "text"),
+      "report": as_text(record["report"]),
+      "text": as_text(record["text"]),
       "labels": np.asarray(record["labels"], np.float32),
   }

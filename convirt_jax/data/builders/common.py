@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
-from convirt_jax.data import reports
+from convirt_jax.data import radiology_reports
 from convirt_jax.errors import DataError
 
 VERSION = tfds.core.Version("1.0.0")
@@ -39,6 +39,14 @@ MISSING_REPORT = "missing_report"
 EMPTY_REPORT = "empty_report"
 NO_FINDINGS = "no_findings_or_impression"
 MISSING_LABEL = "missing_label"
+BAD_LABEL = "bad_label"              # a label value outside its set (e.g. 2 or "maybe" in a binary column)
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS)
+IMAGE_TOO_SMALL = "image_too_small"  # shorter side under MIN_IMAGE_SIDE pixels: nothing left to learn from
+MALFORMED_ROW = "malformed_row"      # a CSV line with more or fewer fields than its header
+BAD_ENCODING = "bad_encoding"        # a CSV line with bytes that are not UTF-8
+DUPLICATE = "duplicate_record"       # the same record listed again (the first one is kept)
+
+MIN_IMAGE_SIDE = 8
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -111,26 +119,97 @@ def report_text(report: str, min_tokens: int) -> tuple[str | None, str | None]:
   """(the "text" feature, None) or (None, reason) when the report has no usable sentence."""
   if not report.strip():
     return None, EMPTY_REPORT
-  sentences = reports.report_sentences(report, min_tokens)
+  sentences = radiology_reports.report_sentences(report, min_tokens)
   if not sentences:
     return None, NO_FINDINGS
   return "\n".join(sentences), None
 
 
-def open_csv(path: str) -> tuple[Any, csv.DictReader]:
-  """(file, DictReader) for a .csv or .csv.gz file; close the file when done."""
-  f = gzip.open(path, "rt", newline="", encoding="utf-8") if path.endswith(".gz") else open(
-      path, newline="", encoding="utf-8-sig")
-  return f, csv.DictReader(f)
+def printable(text: str) -> str:
+  """`text` with undecodable bytes (surrogate escapes, e.g. from a non-UTF-8 file name) as \\udcXX: safe to
+  print, log and encode."""
+  return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def undecodable(text: str | None) -> bool:
+  """True when `text` holds bytes that were not UTF-8 (read with errors="surrogateescape")."""
+  return bool(text) and any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+class CsvReader(csv.DictReader):
+  """A DictReader that names the file and line of what it cannot read, as DataError.
+
+  Bytes that are not UTF-8 are read with errors="surrogateescape": with undecodable_rows="error" (the
+  default) a row holding any stops the build naming its line; with "keep" the row is returned as is, for
+  the caller to skip it (see `undecodable`). A line the csv module cannot parse (e.g. a field over its
+  128 KiB limit, usually an unbalanced quote that swallowed the lines after it) also stops, naming the line.
+  `first_line` is the first line of the row last returned (`line_num` is its last one).
+  """
+
+  def __init__(self, f, path: str, undecodable_rows: str = "error"):
+    super().__init__(f)
+    self.path, self._undecodable_rows, self.first_line = path, undecodable_rows, 1
+
+  @property
+  def fieldnames(self):
+    try:
+      return csv.DictReader.fieldnames.fget(self)
+    except csv.Error as e:
+      raise DataError(f"{self.path} line 1: cannot parse the header: {e}") from e
+
+  @fieldnames.setter
+  def fieldnames(self, value):
+    csv.DictReader.fieldnames.fset(self, value)
+
+  def __next__(self) -> dict[str, Any]:
+    self.fieldnames  # pylint: disable=pointless-statement  (reads the header first)
+    self.first_line = self.line_num + 1
+    try:
+      row = super().__next__()
+    except csv.Error as e:
+      line = max(self.line_num, self.first_line)  # (the csv module does not count a line it fails on)
+      raise DataError(f"{self.path} line {line}: cannot parse this CSV line ({e}); an unbalanced quote "
+                      "makes a field run on over the lines after it") from e
+    if self._undecodable_rows == "error":
+      bad = [printable(str(k)) for k, v in row.items()
+             if undecodable(k) or (isinstance(v, str) and undecodable(v))]
+      if bad:
+        raise DataError(f"{self.path} line {self.first_line}: bytes that are not UTF-8 in {', '.join(bad)} "
+                        "(save the file as UTF-8)")
+    return row
+
+
+def open_csv(path: str, undecodable_rows: str = "error") -> tuple[Any, CsvReader]:
+  """(file, CsvReader) of a .csv or .csv.gz file (UTF-8, with or without a BOM); close the file when done."""
+  opener = gzip.open if path.endswith(".gz") else open
+  f = opener(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape")
+  return f, CsvReader(f, path, undecodable_rows)
+
+
+def text_lines(path: str) -> list[str]:
+  """The lines of a headerless text list (UTF-8, with or without a BOM); bytes that are not UTF-8
+  stop the build naming the file and line, rather than a UnicodeDecodeError."""
+  with open(path, "rb") as f:
+    raw = f.read().splitlines(keepends=True)
+  lines = []
+  for number, line in enumerate(raw, start=1):
+    try:
+      lines.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path} line {number}: bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
+                      "save the file as UTF-8") from None
+  return lines
 
 
 def require_columns(reader: csv.DictReader, columns: Iterable[str], path: str) -> None:
-  """Stops at once, naming the file and the column, when a required column is missing."""
+  """Stops at once, naming the file and the column, when a required column is missing or appears twice."""
   header = reader.fieldnames or []
   for column in columns:
     if column not in header:
-      raise DataError(f"{path}: missing required column {column!r} "
-                      f"(columns found: {', '.join(header) or 'none'})")
+      found = printable(", ".join(header)) if header else "none: the file is empty"
+      raise DataError(f"{path}: missing required column {column!r} (columns found: {found})")
+    if header.count(column) > 1:
+      raise DataError(f"{path} line 1: column {column!r} appears {header.count(column)} times in the header")
 
 
 # --- Images ------------------------------------------------------------------------------------------
@@ -176,16 +255,44 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
+def check_image_file(path: str) -> None:
+  """Raises BadImage unless `path` is a non-empty regular file (or a link to one)."""
+  name = printable(path)
+  if os.path.isfile(path):
+    if os.path.getsize(path) == 0:
+      raise BadImage(CORRUPT_IMAGE, f"empty file (0 bytes): {name}")
+  elif os.path.isdir(path):
+    raise BadImage(MISSING_IMAGE, f"a directory, not an image file: {name}")
+  elif os.path.islink(path):
+    raise BadImage(MISSING_IMAGE, f"a broken symbolic link or a symbolic-link loop: {name}")
+  else:
+    raise BadImage(MISSING_IMAGE, f"no such file: {name}")
+
+
 def load_gray(source: str | bytes, size: int) -> Image.Image:
   """Reads an image file (or encoded bytes) as 8-bit grayscale with the shorter side `size`.
 
+  EXIF orientation is applied. Declared sizes are checked before any pixel is decoded: more pixels than
+  Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is IMAGE_TOO_LARGE, a shorter side under
+  MIN_IMAGE_SIDE is IMAGE_TOO_SMALL.
+
   Raises:
-    BadImage: the file is missing, or Pillow cannot decode it (corrupt, truncated, not an image).
+    BadImage: the file is missing or not a file (MISSING_IMAGE), too large or too small (as above), or
+      Pillow cannot decode it (CORRUPT_IMAGE: empty, corrupt, truncated, not an image).
   """
-  if isinstance(source, str) and not os.path.isfile(source):
-    raise BadImage(MISSING_IMAGE, f"no such file: {source}")
+  name = printable(source) if isinstance(source, str) else "<bytes>"
+  if isinstance(source, str):
+    check_image_file(source)
   try:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+      width, height = image.size
+      limit = Image.MAX_IMAGE_PIXELS
+      if limit and width * height > limit:  # (beyond 2x the limit, Image.open raised already)
+        raise BadImage(IMAGE_TOO_LARGE, f"{name} declares {width}x{height} pixels, more than Pillow's "
+                       f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+      if min(width, height) < MIN_IMAGE_SIDE:
+        raise BadImage(IMAGE_TOO_SMALL,
+                       f"{name} is {width}x{height} pixels: under {MIN_IMAGE_SIDE} on a side")
       if image.format == "JPEG":
         # Decode at a reduced DCT scale that is still >= size on both sides: MIMIC's ~2500 px JPEGs
         # decode several times faster this way.
@@ -193,9 +300,15 @@ def load_gray(source: str | bytes, size: int) -> Image.Image:
       image.load()
       image = ImageOps.exif_transpose(image)
       return resize_shorter_side(to_gray8(image), size)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise BadImage(CORRUPT_IMAGE, f"cannot decode image {source if isinstance(source, str) else ''}: "
-                   f"{type(e).__name__}: {e}") from e
+  except BadImage:
+    raise
+  except Image.DecompressionBombError as e:
+    raise BadImage(IMAGE_TOO_LARGE, f"{name}: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow's decoders raise many kinds of errors on damaged input (OSError, ValueError, SyntaxError,
+    # EOFError, struct.error, IndexError, MemoryError, ...): every one makes this image unusable, which is a
+    # bad record, not a crash (Pillow's own fuzzing harness treats them alike).
+    raise BadImage(CORRUPT_IMAGE, f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
 
 def encode(image: Image.Image | np.ndarray, image_format: str) -> bytes:
@@ -231,7 +344,8 @@ class BadRecords:
     self.counts: collections.Counter[str] = collections.Counter()
 
   def reject(self, reason: str, record: str, detail: str = "") -> None:
-    message = f"{self.dataset} {self.split}: {reason} in record {record}" + (f": {detail}" if detail else "")
+    message = printable(f"{self.dataset} {self.split}: {reason} in record {record}"
+                        + (f": {detail}" if detail else ""))
     if self.strict:
       raise DataError(message + " (data.strict=True stops at the first bad record; set it to False to skip "
                       "such records)")
@@ -248,6 +362,32 @@ class BadRecords:
     if num_written == 0:
       raise DataError(f"{self.dataset} {self.split}: no usable record ({reasons} skipped)")
     return dict(self.counts)
+
+
+class LabelCounts:
+  """Per label, how many records of one split are positive (1), negative (0), uncertain (-1), not mentioned
+  (NaN): stored per split in the dataset's metadata ("label_counts"), so that what cannot be scored is known
+  before training (`datasets.unscorable_labels`). For a multiclass (one-hot) label, positive = of that class.
+  """
+  KINDS = ("positive", "negative", "uncertain", "not_mentioned")
+
+  def __init__(self, label_names: Sequence[str]):
+    self.label_names = list(label_names)
+    self._counts = np.zeros((len(self.label_names), len(self.KINDS)), np.int64)
+
+  def add(self, labels: np.ndarray) -> None:
+    labels = np.asarray(labels, np.float32)
+    self._counts += np.stack([labels == 1, labels == 0, labels == -1, np.isnan(labels)], axis=-1)
+
+  def counted(self, examples: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`examples` unchanged, each one's "labels" added on the way."""
+    for key, example in examples:
+      self.add(example["labels"])
+      yield key, example
+
+  def as_dict(self) -> dict[str, dict[str, int]]:
+    return {name: {kind: int(n) for kind, n in zip(self.KINDS, row)}
+            for name, row in zip(self.label_names, self._counts)}
 
 
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], num_threads: int) -> Iterator[tuple[_T, _R]]:

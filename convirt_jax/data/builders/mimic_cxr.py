@@ -7,8 +7,10 @@ Expected in `config.data.dir` (PhysioNet's layout, credentialed access):
   mimic-cxr-2.0.0-chexpert.csv[.gz]                optional: subject_id, study_id, 14 CheXpert labels
   mimic-cxr-reports.zip                            the MIMIC-CXR reports (entries files/pXX/pN/sM.txt),
     or its files/pXX/pXXXXXXXX/sXXXXXXXX.txt extracted into the same tree.
-Labels follow CheXpert: 1 positive, 0 negative, -1 uncertain, NaN not mentioned (blank); a study missing
-from the CheXpert file gets all NaN.
+Labels follow CheXpert: 1 positive, 0 negative, -1 uncertain, NaN not mentioned (blank, or NaN written out);
+a study missing from the CheXpert file gets all NaN. A study whose CheXpert row has another value, or that is
+listed twice with different values, is a bad_label record (strict: stops, naming the file and line); an image
+listed twice in the split file is a duplicate_record (the first listing is kept).
 """
 import dataclasses
 import os
@@ -29,6 +31,7 @@ METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
 REPORTS_ZIP = "mimic-cxr-reports.zip"
 _SPLIT_NAMES = {"train": "train", "validate": "validation", "validation": "validation", "test": "test"}
+_MISSING_VALUES = frozenset({"", "nan", "-nan", "na", "n/a", "null", "#n/a"})  # lower-cased
 
 LAYOUT = (
     "Expected PhysioNet's MIMIC-CXR-JPG (https://physionet.org/content/mimic-cxr-jpg/) in {root}:\n"
@@ -85,6 +88,13 @@ def _field(row: dict[str, str | None], name: str) -> str:
   return (row.get(name) or "").strip()  # a short row has None for its missing fields
 
 
+def _number(value: str) -> float | None:
+  try:
+    return float(value)
+  except ValueError:
+    return None
+
+
 def _ids(row: dict[str, str | None], path: str, line: int) -> tuple[str, str]:
   subject_id, study_id = _field(row, "subject_id"), _field(row, "study_id")
   if not (subject_id.isdigit() and study_id.isdigit()):
@@ -96,6 +106,8 @@ def _ids(row: dict[str, str | None], path: str, line: int) -> tuple[str, str]:
 class _Image:
   study: str       # "p10/p10000032/s50414267"
   dicom_id: str
+  line: int = 0            # its line in the split file
+  duplicate_of: int = 0    # the line that listed it first, when listed again
 
   @property
   def id(self) -> str:
@@ -128,11 +140,12 @@ class _Reports:
   def read(self, study: str) -> str | None:
     if self._zip is not None:
       name = self._entries.get(study)
-      return None if name is None else self._zip.read(name).decode("utf-8", errors="replace")
+      return None if name is None else self._zip.read(name).decode("utf-8-sig", errors="replace")
     path = os.path.join(self._files, study + ".txt")
     if not os.path.isfile(path):
       return None
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # Bytes that are not UTF-8 become U+FFFD: the rest of the report is still usable.
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
       return f.read()
 
   def close(self) -> None:
@@ -163,7 +176,7 @@ class MimicCxr(common.LocalBuilder):
     return common.dataset_info(
         self, label_names=self._label_names, task=common.MULTILABEL,
         description="MIMIC-CXR-JPG chest X-rays with the findings/impression of their MIMIC-CXR report.",
-        source=self._params.root, skipped={})
+        source=self._params.root, skipped={}, label_counts={})
 
   def _read_label_names(self, root: str) -> list[str]:
     if self._chexpert_csv is None:
@@ -171,30 +184,42 @@ class MimicCxr(common.LocalBuilder):
       return []
     f, reader = common.open_csv(self._chexpert_csv)
     with f:
-      common.require_columns(reader, ("subject_id", "study_id"), self._chexpert_csv)
-      return [c for c in reader.fieldnames if c not in ("subject_id", "study_id")]
+      names = [c for c in reader.fieldnames or [] if c not in ("subject_id", "study_id")]
+      if "" in names:
+        logging.warning("%s: a column without a name (an index column?) is not a label", self._chexpert_csv)
+      names = [c for c in names if c]
+      common.require_columns(reader, ("subject_id", "study_id", *names), self._chexpert_csv)
+      return names
 
-  def _read_labels(self) -> dict[str, np.ndarray]:
-    labels = {}
+  def _read_labels(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(study -> labels, study -> why its labels cannot be used: file, line and value)."""
+    labels, bad, lines = {}, {}, {}
     if self._chexpert_csv is None:
-      return labels
+      return labels, bad
     f, reader = common.open_csv(self._chexpert_csv)
     with f:
       for row in reader:
-        subject_id, study_id = _ids(row, self._chexpert_csv, reader.line_num)
-        values = []
+        line = reader.first_line
+        subject_id, study_id = _ids(row, self._chexpert_csv, line)
+        study = _study_key(subject_id, study_id)
+        values, problem = [], None
         for name in self._label_names:
           value = _field(row, name)
-          try:
-            number = float(value) if value else float("nan")
-          except ValueError:
-            number = None
+          number = float("nan") if value.lower() in _MISSING_VALUES else _number(value)
           if number is None or not (np.isnan(number) or number in (-1.0, 0.0, 1.0)):
-            raise DataError(f"{self._chexpert_csv} line {reader.line_num}: {name}={value!r} must be 1, 0, -1 "
-                            "or blank")
-          values.append(number)
-        labels[_study_key(subject_id, study_id)] = np.asarray(values, np.float32)
-    return labels
+            problem = problem or (f"{self._chexpert_csv} line {line}: {name}={value!r} is not 1, 0, -1 "
+                                  "(uncertain), blank or NaN")
+          values.append(np.nan if number is None else number)
+        if problem:
+          bad.setdefault(study, problem)
+        elif study in labels and not np.array_equal(labels[study], np.asarray(values, np.float32),
+                                                    equal_nan=True):
+          bad.setdefault(study, f"{self._chexpert_csv} lines {lines[study]} and {line}: the study is listed "
+                                "twice with different labels")
+        else:
+          labels.setdefault(study, np.asarray(values, np.float32))
+          lines.setdefault(study, line)
+    return labels, bad
 
   def _read_views(self) -> dict[str, str]:
     if self._metadata_csv is None:
@@ -212,17 +237,23 @@ class MimicCxr(common.LocalBuilder):
     f, reader = common.open_csv(self._split_csv)
     with f:
       common.require_columns(reader, ("dicom_id", "study_id", "subject_id", "split"), self._split_csv)
+      first_line = {}
       for row in reader:
-        subject_id, study_id = _ids(row, self._split_csv, reader.line_num)
+        line = reader.first_line
+        subject_id, study_id = _ids(row, self._split_csv, line)
         split = _SPLIT_NAMES.get(_field(row, "split").lower())
         if split is None:
-          raise DataError(f"{self._split_csv} line {reader.line_num}: split={_field(row, 'split')!r} must be "
+          raise DataError(f"{self._split_csv} line {line}: split={_field(row, 'split')!r} must be "
                           "one of train, validate, test")
         dicom_id = _field(row, "dicom_id")
+        if not dicom_id or "/" in dicom_id or dicom_id in (".", ".."):
+          raise DataError(f"{self._split_csv} line {line}: dicom_id={dicom_id!r} is not a file name")
         if self._params.frontal_only and views.get(dicom_id) not in frontal:
           excluded += 1
           continue
-        splits[split].append(_Image(_study_key(subject_id, study_id), dicom_id))
+        study = _study_key(subject_id, study_id)
+        first = first_line.setdefault((study, dicom_id), line)
+        splits[split].append(_Image(study, dicom_id, line, first if first != line else 0))
     if self._params.frontal_only:
       logging.info("MIMIC-CXR: excluded %d images whose ViewPosition is not one of %s", excluded,
                    ", ".join(sorted(frontal)))
@@ -243,8 +274,9 @@ class MimicCxr(common.LocalBuilder):
       raise DataError(f"no report found for any study: missing {zip_path} "
                       "(or the extracted files/pXX/pXXXXXXXX/sXXXXXXXX.txt). "
                       + LAYOUT.format(root=self._params.root))
-    labels = self._read_labels()
-    return {name: self._generate_examples(name, images, labels) for name, images in splits.items()}
+    labels, bad_labels = self._read_labels()
+    return {name: self._generate_examples(name, images, labels, bad_labels)
+            for name, images in splits.items()}
 
   def _study_text(self, reports: _Reports, study: str) -> tuple[str, str | None, str | None]:
     """(report, text, reason) of one study; reason says why it cannot be used."""
@@ -254,9 +286,10 @@ class MimicCxr(common.LocalBuilder):
     text, reason = common.report_text(report, self._params.min_sentence_tokens)
     return report, text, reason
 
-  def _generate_examples(self, split: str, images: list[_Image],
-                         labels: dict[str, np.ndarray]) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(self, split: str, images: list[_Image], labels: dict[str, np.ndarray],
+                         bad_labels: dict[str, str]) -> Iterator[tuple[int, dict]]:
     bad = common.BadRecords(self.name, split, self._strict)
+    counts = common.LabelCounts(self._label_names)
     reports = _Reports(self._params.root)
     no_labels = np.full((len(self._label_names),), np.nan, np.float32)
     files = os.path.join(self._params.root, "files")
@@ -267,12 +300,18 @@ class MimicCxr(common.LocalBuilder):
         if image.study != study:  # images are sorted by study: each report is read and parsed once
           study, study_text = image.study, self._study_text(reports, image.study)
         report, text, reason = study_text
+        detail = f"report {image.study}.txt"
+        if image.duplicate_of:
+          reason, detail = common.DUPLICATE, (f"{self._split_csv} line {image.line} lists it again (first at "
+                                              f"line {image.duplicate_of})")
+        elif reason is None and image.study in bad_labels:
+          reason, detail = common.BAD_LABEL, bad_labels[image.study]
         features = None if reason else {"id": image.id, "report": report, "text": text,
                                         "labels": labels.get(image.study, no_labels)}
-        yield common.Candidate(image.id, os.path.join(files, image.id), features, reason,
-                               f"report {image.study}.txt")
+        yield common.Candidate(image.id, os.path.join(files, image.id), features, reason, detail)
 
-    yield from common.examples_with_images(candidates(), bad, size=self._params.stored_size,
-                                           num_threads=self._threads)
+    yield from counts.counted(common.examples_with_images(candidates(), bad, size=self._params.stored_size,
+                                                          num_threads=self._threads))
     reports.close()
     self.info.metadata["skipped"][split] = dict(bad.counts)
+    self.info.metadata["label_counts"][split] = counts.as_dict()
