@@ -15,6 +15,7 @@ import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 
 from convirt_jax.errors import WeightsNotFound
+from convirt_jax.hub import resolve_hf_dir
 
 _SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _DEFAULT_SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
@@ -77,7 +78,6 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, dir_or_hub_name: str | os.PathLike, max_length: int = 128) -> "Tokenizer":
     """From a checkpoint directory (or Hub name) holding tokenizer.json or vocab.txt."""
-    from convirt_jax.interop.hf_bert import resolve_hf_dir  # pylint: disable=g-import-not-at-top
     directory = resolve_hf_dir(dir_or_hub_name)
     config = _read_json(os.path.join(directory, "tokenizer_config.json"))
     specials_map = _read_json(os.path.join(directory, "special_tokens_map.json"))

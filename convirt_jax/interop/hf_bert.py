@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convirt_jax.errors import WeightsNotFound
+from convirt_jax.errors import CheckpointError, WeightsNotFound
+from convirt_jax.interop.torchvision_resnet import read_safetensors, read_torch_weights
+from convirt_jax.hub import resolve_hf_dir
 from convirt_jax.models.bert import BertConfig, BertEncoder
 
 Params = dict[str, Any]
@@ -30,32 +32,6 @@ _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spe
 _IGNORED = re.compile(r"^(pooler\.|cls\.|embeddings\.position_ids$|embeddings\.token_type_ids$)")
 # Flax leaf name -> HF leaf name; a Dense kernel is the transpose of torch's Linear weight.
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def resolve_hf_dir(path_or_hub_name: str | os.PathLike) -> str:
-  """A local checkpoint directory as is; otherwise the Hub snapshot directory (downloaded if needed)."""
-  path_or_hub_name = os.fspath(path_or_hub_name)
-  if os.path.isdir(path_or_hub_name):
-    return path_or_hub_name
-  if os.path.exists(path_or_hub_name) or path_or_hub_name.startswith(("/", ".", "~")):
-    raise WeightsNotFound(f"{path_or_hub_name!r} is not a directory: give a Hugging Face BERT "
-                          "directory (config.json, vocab.txt, model.safetensors) or a Hub model name")
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  try:
-    # Configs, vocabulary and safetensors weights only: no TF/Flax/ONNX copies of the same weights.
-    local = huggingface_hub.snapshot_download(
-        path_or_hub_name, allow_patterns=["*.json", "*.txt", "*.safetensors"])
-    if not any(f.endswith(".safetensors") for f in os.listdir(local)):
-      local = huggingface_hub.snapshot_download(
-          path_or_hub_name, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"])
-  except Exception as e:  # pylint: disable=broad-except  (offline, unknown name, no access, ...)
-    detail = str(e).splitlines()[0] if str(e) else ""
-    raise WeightsNotFound(
-        f"could not fetch the Hugging Face model {path_or_hub_name!r} ({type(e).__name__}: {detail}). "
-        "Without network access, download it elsewhere (e.g. `hf download "
-        f"{path_or_hub_name} --local-dir DIR`) and pass the directory instead "
-        "(--config.model.text.init_from=DIR).") from None
-  return local
 
 
 def _flax_to_hf_key(path: tuple[str, ...]) -> str:
@@ -137,7 +113,8 @@ def hf_state_dict(config: BertConfig, params: Params, with_pooler: bool = True) 
 
 
 def _read_state_dict(directory: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  # A truncated file, or a pickle holding more than tensors: CheckpointError naming the file.
+  load_file = read_safetensors
   path = lambda name: os.path.join(directory, name)
   if os.path.isfile(path(_SAFETENSORS)):
     return load_file(path(_SAFETENSORS))
@@ -149,8 +126,7 @@ def _read_state_dict(directory: str) -> dict[str, np.ndarray]:
       state.update(load_file(path(shard)))
     return state
   if os.path.isfile(path(_TORCH_BIN)):
-    import torch  # pylint: disable=g-import-not-at-top
-    loaded = torch.load(path(_TORCH_BIN), map_location="cpu", weights_only=True)
+    loaded = read_torch_weights(path(_TORCH_BIN))
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in loaded.items()}
   raise WeightsNotFound(f"{directory!r} has no {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_TORCH_BIN}.")
@@ -165,8 +141,10 @@ def load_hf_bert(path_or_hub_name: str | os.PathLike) -> tuple[BertConfig, Param
   config = BertConfig.from_json_file(config_path)
   try:
     return config, params_from_hf_state_dict(config, _read_state_dict(directory))
-  except ValueError as e:
-    raise ValueError(f"{directory}: {e}") from e
+  except WeightsNotFound:
+    raise
+  except ValueError as e:  # a checkpoint that does not fit: the user's to fix, so no traceback
+    raise CheckpointError(f"{directory}: {e}") from e
 
 
 def save_hf_bert(config: BertConfig, params: Params, out_dir: str | os.PathLike,
