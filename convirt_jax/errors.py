@@ -29,6 +29,14 @@ class WeightsNotFound(CheckpointError, FileNotFoundError):
   """Pretrained weights or a tokenizer that are not where the config says, or cannot be fetched."""
 
 
+class WorkdirBusy(UserError, RuntimeError):
+  """Another job holds the workdir's lock (`training/workdir_lock.py`); the message names it."""
+
+
+class DiskFull(UserError, OSError):
+  """No space left (ENOSPC) while writing a checkpoint; the checkpoints completed before are intact."""
+
+
 class NothingToEvaluate(UserError, ValueError):
   """An evaluation the data cannot support (e.g. a label with one class in the test split): the
   evaluation is skipped and the reason reported; the run is never lost for it."""

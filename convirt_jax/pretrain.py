@@ -23,12 +23,13 @@ from convirt_jax.data import datasets, pipeline
 from convirt_jax.errors import ConfigError, DataError, TrainingDiverged, UserError
 from convirt_jax.evaluate import downstream, plots, results as results_lib
 from convirt_jax.evaluate import features as features_lib
-from convirt_jax.interop.hf_bert import load_hf_bert, resolve_hf_dir
+from convirt_jax.hub import resolve_hf_dir
+from convirt_jax.interop.hf_bert import load_hf_bert
 from convirt_jax.interop.torchvision_resnet import load_imagenet_resnet
 from convirt_jax.models import convirt
 from convirt_jax.models.bert import BertConfig
 from convirt_jax.tokenizer import Tokenizer
-from convirt_jax.training import checkpoints, metric_logging
+from convirt_jax.training import checkpoints, metric_logging, workdir_lock
 from convirt_jax.training import optimizer as optimizer_lib
 from convirt_jax.training import state as state_lib
 from convirt_jax.training import steps as steps_lib
@@ -54,10 +55,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pretrained_image = _pretrained_image(config)
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
+  # One job per workdir: WorkdirBusy names the job holding it; the OS drops the lock when a job ends,
+  # kill -9 included. Process 0 holds it for all the processes of a job.
+  with workdir_lock.WorkdirLock(workdir, enabled=parallel.is_main_process()):
+    return _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_step, text_dir,
+                       pretrained_image)
+
+
+def _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_step, text_dir,
+                pretrained_image) -> dict[str, Any]:
   try:
     dataset = datasets.load_dataset(config, data_dir, is_builder_process=parallel.is_main_process())
     if len(dataset.sources.get("train", ())) == 0:
       raise DataError(f"the {config.data.name} data set has no train split")
+    if "linear_probe" in config.evals and dataset.label_names:
+      # Known now, not after hours of training: the evaluation will skip these (and say so again).
+      for label, reason in datasets.unscorable_labels(dataset).items():
+        _announce(f"note: the linear probe cannot score {label!r}: {reason}")
   except UserError:
     if created and parallel.is_main_process():
       shutil.rmtree(workdir, ignore_errors=True)  # a failed first command leaves no empty workdir
@@ -77,11 +91,13 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     return 0
   reader = checkpoints.make_manager(workdir, read_only=True)
-  step = reader.latest_step() or 0
+  try:
+    step, meta = checkpoints.newest_meta(reader)  # CheckpointError if there are steps but none reads
+  finally:
+    reader.close()
   if step:
-    _check_resumable(checkpoints.restore_meta(reader, step)["config"], config, workdir)
-  reader.close()
-  return step
+    _check_resumable(meta["config"], config, workdir)
+  return step or 0
 
 
 def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, resume_step: int,
@@ -110,8 +126,9 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
       dataset.sources["train"], tokenizer, config, local_batch_size=local_batch, seed=config.train.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count()))
   if resume_step:
-    state, _ = checkpoints.restore(manager, resume_step, checkpoints.abstract_like(state),
-                                   data_iterator=train_iter)
+    # The newest step that reads back: an unreadable one is named, skipped and set aside.
+    resume_step, state, _ = checkpoints.restore_newest(manager, checkpoints.abstract_like(state),
+                                                       data_iterator=train_iter, announce=_announce)
     _announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
   elif is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -7,6 +7,7 @@ model itself (from `jax.eval_shape` of its init), so a checkpoint of another arc
 rather than partly loaded. torch is imported only where a torch file or tensor is involved.
 """
 import os
+import pickle
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -127,15 +128,52 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str,
   if not path.is_file():
     raise CheckpointError(f"no torchvision ResNet checkpoint at {str(path)!r}")
   if path.suffix == _SAFETENSORS_SUFFIX:
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    return dict(safetensors.numpy.load_file(str(path)))
+    return read_safetensors(path)
   if path.suffix not in _TORCH_SUFFIXES:
     raise CheckpointError(f"cannot tell the format of {str(path)!r}: use a .safetensors, .pt or .pth file")
-  import torch  # pylint: disable=g-import-not-at-top
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  loaded = read_torch_weights(path)
   if not isinstance(loaded, Mapping):
     raise CheckpointError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict")
   return {k: _as_numpy(k, v) for k, v in loaded.items()}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The arrays of a .safetensors file; CheckpointError naming the file when it does not read
+  (truncated by an interrupted download or copy, or not a safetensors file)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(safetensors.numpy.load_file(os.fspath(path)))
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError)
+    raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file "
+                          f"({type(e).__name__}: {_first_line(e)}): was its download or copy cut "
+                          "short? Fetch it again") from None
+
+
+def read_torch_weights(path: str | os.PathLike) -> Any:
+  """A torch file read with torch.load(weights_only=True): tensors and plain containers only, never code.
+
+  A pickle that names anything else (a function to call, a class to build: what a crafted file
+  would run on load) is refused with the reason, as is a truncated file; both as a CheckpointError
+  naming the file.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", str(e))
+    reason = detail[1].strip() if detail and detail[1].strip() else _first_line(e)
+    raise CheckpointError(
+        f"refused to load {os.fspath(path)!r}: it holds more than tensors ({reason}), and weights are "
+        "only read with torch.load(weights_only=True), which never runs code from a file. Save just "
+        "the state dict of tensors (torch.save(model.state_dict(), path)) or use .safetensors") from None
+  except Exception as e:  # pylint: disable=broad-except  (truncated zip, not a torch file)
+    raise CheckpointError(f"{os.fspath(path)!r} is not a readable torch file ({type(e).__name__}: "
+                          f"{_first_line(e)}): was its download or copy cut short?") from None
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else ""
 
 
 def _abstract_variables(depth: int, width: float, small_stem: bool) -> Variables:
@@ -185,6 +223,8 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
            if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")}
   expected = _expected_layout(depth, width, small_stem)
   arch = f"ResNet{depth} (width={width}, small_stem={small_stem})"
+  source = ("checkpoint" if isinstance(path_or_state_dict, Mapping)
+            else f"checkpoint {os.fspath(path_or_state_dict)!r}")
 
   missing = [k for k in expected if k not in state]
   unexpected = [k for k in state if k not in expected]
@@ -196,7 +236,7 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
       problems.append(f"unexpected keys {_list_keys(unexpected)}")
     hint = [d for d in _matching_depths(set(state)) if d != depth]
     hint = f"; its keys are those of ResNet{hint[0]}" if hint else ""
-    raise CheckpointError(f"checkpoint does not fit {arch}: {'; '.join(problems)}{hint}")
+    raise CheckpointError(f"{source} does not fit {arch}: {'; '.join(problems)}{hint}")
 
   wrong = []
   for key, (_, path, shape) in expected.items():
@@ -204,7 +244,7 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
     if state[key].shape != want:
       wrong.append(f"{key!r} has shape {tuple(state[key].shape)}, {arch} expects {want}")
   if wrong:
-    raise CheckpointError("checkpoint does not fit: " + "; ".join(wrong[:_MAX_KEYS_IN_ERROR]) +
+    raise CheckpointError(f"{source} does not fit: " + "; ".join(wrong[:_MAX_KEYS_IN_ERROR]) +
                      (f"; and {len(wrong) - _MAX_KEYS_IN_ERROR} more" if len(wrong) > _MAX_KEYS_IN_ERROR
                       else ""))
 
@@ -235,11 +275,12 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
     try:
       torch_model = getattr(torchvision.models, f"resnet{depth}")(weights="IMAGENET1K_V1")
     except Exception as e:  # pylint: disable=broad-except  (URLError offline, HTTP errors, ...)
+      url = getattr(getattr(torchvision.models, f"ResNet{depth}_Weights", None), "IMAGENET1K_V1", None)
+      url = getattr(url, "url", None) or f"torchvision.models.ResNet{depth}_Weights.IMAGENET1K_V1.url"
       raise WeightsNotFound(
           f"could not download torchvision's ImageNet weights for resnet{depth} ({type(e).__name__}: "
-          f"{e}). Without network access, download them elsewhere (torchvision.models.ResNet"
-          f"{depth}_Weights.IMAGENET1K_V1.url) and pass the file: --config.model.image.init_from="
-          "/path/to/resnet.pth") from None
+          f"{_first_line(e)}). Without network access, download {url} elsewhere and pass the file: "
+          "--config.model.image.init_from=/path/to/resnet.pth") from None
     return load_torchvision_resnet(torch_model.state_dict(), depth)
   if not init_from:
     raise ConfigError("model.image.init_from is empty: there is nothing to load")

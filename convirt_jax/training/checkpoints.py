@@ -5,6 +5,12 @@ with the best validation metric (an orbax preservation policy, so neither evicts
 asynchronous: training continues while the arrays are written, and a save interrupted by kill -9 is an
 unfinished temporary directory that orbax ignores, so the last complete checkpoint is never lost.
 
+Faults: a complete step that no longer reads back (a truncated or missing file) is named and skipped by
+`restore_newest`, which resumes from the next older step and moves the bad one to
+<workdir>/unreadable_checkpoints/; when no step reads back it stops with a CheckpointError naming them,
+never starting from scratch. A full disk while saving is a one-line DiskFull naming the workdir; the
+steps completed before it stay intact.
+
 Items of one step:
   state  the train-state pytree (StandardSave; restored into the shapes and shardings of a fresh state)
   data   the grain iterator (one small JSON file per process)
@@ -12,9 +18,14 @@ Items of one step:
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
-from typing import Any
+import re
+import shutil
+import threading
+from typing import Any, Callable
 
 from absl import logging
 import grain
@@ -22,12 +33,17 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from convirt_jax.errors import CheckpointError
+from convirt_jax.errors import CheckpointError, DiskFull
 
 STATE, DATA, META = "state", "data", "meta"
 # Beside the checkpoints, written once per run: what rebuilds the model without the original files.
 TEXT_CONFIG_FILE = "text_config.json"   # the BertConfig (HF config.json format)
 TOKENIZER_DIR = "tokenizer"             # the tokenizer's files
+UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: complete steps that did not read back
+# Inside checkpoints/: steps the keep policy dropped are renamed here (one atomic step), then emptied.
+# orbax's own deletion removes a step's files one by one, so a kill -9 in the middle left a step
+# directory that still looked complete but was not.
+DELETING_DIR = "deleting"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,9 +61,104 @@ def make_manager(workdir: str, *, keep: int = 3, best_metric: str = "val/loss",
       best_fn=metric, best_mode="min",  # makes orbax store each step's metrics
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
-      cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(STATE, DATA, META))
+      cleanup_tmp_directories=not read_only, todelete_subdir=None if read_only else DELETING_DIR)
+  manager = _Manager(checkpoint_dir(workdir), options=options, item_names=(STATE, DATA, META))
+  manager.writable = not read_only
+  manager.empty_deleted(wait=True)  # what a killed run was deleting
+  return manager
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, except that a full disk while saving is a one-line DiskFull naming the workdir.
+
+  An async save fails in orbax's background thread; the error comes out of the next save,
+  wait_until_finished or close, which are the calls translated here. Also empties DELETING_DIR, where
+  orbax moves the steps it drops, in a background thread after each save and at open and close.
+  """
+  writable = False
+  _emptier = None
+
+  def save(self, step, *args, **kwargs):
+    with self._disk_full_is_a_user_error():
+      saved = super().save(step, *args, **kwargs)
+    self.empty_deleted()
+    return saved
+
+  def wait_until_finished(self):
+    with self._disk_full_is_a_user_error():
+      return super().wait_until_finished()
+
+  def close(self):
+    with self._disk_full_is_a_user_error():
+      super().close()
+    self.empty_deleted(wait=True)
+
+  def empty_deleted(self, wait: bool = False) -> None:
+    """Deletes what is in DELETING_DIR (process 0 of a writer): whole steps, renamed there at once,
+    so a kill while deleting leaves no half-deleted step among the checkpoints."""
+    if not self.writable or jax.process_index() != 0:
+      return
+    directory = os.path.join(os.fspath(self.directory), DELETING_DIR)
+    if wait:
+      if self._emptier is not None:
+        self._emptier.join()
+      _empty(directory)
+    elif self._emptier is None or not self._emptier.is_alive():
+      self._emptier = threading.Thread(target=_empty, args=(directory,), daemon=True,
+                                       name="empty_deleted_checkpoints")
+      self._emptier.start()
+
+  @contextlib.contextmanager
+  def _disk_full_is_a_user_error(self):
+    try:
+      yield
+    except DiskFull:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      failed = _disk_full(e)
+      if failed is None:
+        raise
+      directory = os.fspath(self.directory)
+      steps = _complete_steps_on_disk(directory)
+      match = re.search(r"/(\d+)\.orbax-checkpoint-tmp", failed)
+      raise DiskFull(
+          f"no space left on the device of workdir {os.path.dirname(directory)} (ENOSPC) while saving "
+          f"checkpoint {'step ' + match[1] if match else 'a step'}: "
+          + (f"the complete checkpoints (steps {', '.join(map(str, steps))}) are intact. " if steps
+             else "no checkpoint was complete yet. ")
+          + "Free space there (or use another --workdir), then run the same command to resume") from e
+
+
+def _disk_full(error: BaseException) -> str | None:
+  """The file (or "") of an ENOSPC in `error`, its causes or its group; None if there is none."""
+  todo, seen = [error], set()
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return str(e.filename or "")
+    if "No space left on device" in str(e):  # tensorstore's errors carry only the text
+      return str(e)
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
+def _empty(directory: str) -> None:
+  try:
+    names = os.listdir(directory)
+  except FileNotFoundError:
+    return
+  for name in names:  # entries only: orbax may be renaming another step in right now
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _complete_steps_on_disk(directory: str) -> list[int]:
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except OSError:
+    return []
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator=None,
@@ -74,16 +185,129 @@ def best_step(manager: ocp.CheckpointManager, metric: str) -> int | None:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *,
             data_iterator=None) -> tuple[Any, dict[str, Any]]:
   """Restores `state` (into the shapes/shardings of `abstract_state`), the data iterator in place, meta."""
+  try:
+    return _restore_step(manager, step, abstract_state, data_iterator)
+  except (ValueError, KeyError, TypeError) as e:
+    raise _does_not_fit(manager, step, e) from e
+
+
+def _restore_step(manager, step: int, abstract_state: Any, data_iterator) -> tuple[Any, dict[str, Any]]:
   items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f"the checkpoint at step {step} in {manager.directory} does not fit this model/config "
-        f"(was it written with another config?): {e}") from e
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE], restored[META]
+
+
+def _does_not_fit(manager, step: int, error: BaseException) -> CheckpointError:
+  return CheckpointError(
+      f"the checkpoint at step {step} in {manager.directory} does not fit this model/config "
+      f"(was it written with another config?): {_one_line(error)}")
+
+
+# orbax's words for a checkpoint that reads back but holds other arrays than the model's: that is the
+# config, not a damaged step, and an older step of the same run would not fit either.
+_MISFIT = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any, *, data_iterator=None,
+                   announce: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]]:
+  """(step, state, meta) of the newest step that reads back, as `restore` gives them.
+
+  A step that does not (a truncated or missing file) is announced as "checkpoint step N in DIR is
+  unreadable (reason): skipping it" and the next older step is tried. Once one restores, a writable
+  manager (`make_manager` without read_only) moves the skipped steps to <workdir>/unreadable_checkpoints/
+  so that the resumed run saves those steps anew. With several processes a step counts as read only
+  if every process read it; that covers damage every process sees (the shared array and meta files).
+  Damage only some processes see (one process's data-iterator file) desynchronises orbax's own
+  collectives: the job then stops with a collective error rather than skipping the step.
+
+  Raises:
+    CheckpointError: no step at all; no step reads back (each named with its reason: a run with
+      checkpoints never silently starts from scratch); or at once, a step whose arrays do not fit
+      `abstract_state` (another model/config).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {manager.directory}")
+  skipped = []
+  for step in steps:
+    error = None
+    try:
+      state, meta = _restore_step(manager, step, abstract_state, data_iterator)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore, JSON, missing items, ...)
+      if any(words in str(e) for words in _MISFIT):
+        raise _does_not_fit(manager, step, e) from e
+      error = e
+    if _on_every_process(error is None):
+      if skipped:
+        _set_aside(manager, [s for s, _ in skipped], announce)
+      return step, state, meta
+    reason = _one_line(error) if error is not None else "another process could not read it"
+    announce(f"checkpoint step {step} in {manager.directory} is unreadable ({reason}): skipping it")
+    skipped.append((step, reason))
+  raise _none_readable(manager, skipped)
+
+
+def newest_meta(manager: ocp.CheckpointManager) -> tuple[int | None, dict[str, Any] | None]:
+  """(step, meta) of the newest step whose meta reads back, or (None, None) when there is no step.
+
+  Quiet about the steps it passes over (`restore_newest` names them when it restores); raises
+  CheckpointError naming every step when there are steps and none of their metas reads back.
+  """
+  failed = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore_meta(manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((step, _one_line(e)))
+  if failed:
+    raise _none_readable(manager, failed)
+  return None, None
+
+
+def _none_readable(manager, failed: list[tuple[int, str]]) -> CheckpointError:
+  listed = "; ".join(f"step {step}: {reason}" for step, reason in failed)
+  return CheckpointError(
+      f"none of the checkpoints in {manager.directory} can be read ({listed}). Nothing was trained over "
+      f"them: move them out of {manager.directory} to start from scratch, or use another --workdir")
+
+
+def _set_aside(manager, steps: list[int], announce: Callable[[str], None]) -> None:
+  """Moves the (complete but unreadable) `steps` out of the manager's directory (process 0)."""
+  if not getattr(manager, "writable", False):
+    return
+  directory = os.fspath(manager.directory)
+  aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      source, target, n = os.path.join(directory, str(step)), os.path.join(aside, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      if os.path.isdir(source):
+        os.rename(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("convirt_jax: unreadable checkpoints set aside")
+  manager.reload()
+  announce(f"moved the unreadable checkpoint step(s) {', '.join(map(str, steps))} to {aside}")
+
+
+def _on_every_process(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  first = text[0] if text else ""
+  if len(first) > 200:
+    first = first[:200] + "..."
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
