@@ -173,14 +173,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Runs before any data is read or anything compiles; checks needing the devices (batch divisibility) are in
   `parallel.local_batch_size`, and the data checks in `data.datasets`.
   """
-  _check_known_keys(config.to_dict(), base_config().to_dict(), prefix="")
+  check_keys_and_values(config, base_config(), _CHOICES, _POSITIVE)
   get = lambda key: _get(config, key)
-  for key, choices in _CHOICES.items():
-    if get(key) not in choices:
-      raise ConfigError(f"config.{key}={get(key)!r}: must be one of {choices}")
-  for key in _POSITIVE:
-    if not get(key) > 0:
-      raise ConfigError(f"config.{key}={get(key)!r}: must be > 0")
   if not 0.0 <= config.loss.image_weight <= 1.0:
     raise ConfigError(f"config.loss.image_weight={config.loss.image_weight}: must be in [0, 1]")
   if not isinstance(config.train.microbatch_size, int) or config.train.microbatch_size < 0:
@@ -221,6 +215,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lo, hi = get(lo_hi)
     if not 0 <= lo <= hi:
       raise ConfigError(f"config.{lo_hi}={(lo, hi)}: must be (low, high) with 0 <= low <= high")
+
+
+def check_keys_and_values(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                          choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
+  """The checks every job's config gets: keys known to `reference` (its base config), values among
+  their `choices`, and the `positive` keys > 0; a ConfigError names the first key that fails."""
+  _check_known_keys(config.to_dict(), reference.to_dict(), prefix="")
+  for key, allowed in choices.items():
+    if _get(config, key) not in allowed:
+      raise ConfigError(f"config.{key}={_get(config, key)!r}: must be one of {allowed}")
+  for key in positive:
+    if not _get(config, key) > 0:
+      raise ConfigError(f"config.{key}={_get(config, key)!r}: must be > 0")
 
 
 def _get(config, dotted: str):

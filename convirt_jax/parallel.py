@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -137,3 +138,13 @@ def fetch(tree: Any) -> Any:
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
   return jax.tree.map(to_numpy, tree)
+
+
+def gather_rows(x) -> np.ndarray:
+  """A global (sharded) or host-local array -> the rows of every process, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  if isinstance(x, jax.Array):
+    return np.asarray(x)
+  x = np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x

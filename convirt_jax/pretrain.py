@@ -8,8 +8,6 @@
 import json
 import os
 import shutil
-import signal
-import threading
 from typing import Any
 
 import flax
@@ -31,6 +29,7 @@ from convirt_jax.models.bert import BertConfig
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints, metric_logging, workdir_lock
 from convirt_jax.training import optimizer as optimizer_lib
+from convirt_jax.training import preemption
 from convirt_jax.training import state as state_lib
 from convirt_jax.training import steps as steps_lib
 
@@ -136,7 +135,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   train_step = steps_lib.make_train_step(model, optimizer, config, mesh)
   eval_step = steps_lib.make_eval_step(model, config, mesh)
   logger = metric_logging.MetricLogger(workdir, enabled=is_main, resume_step=resume_step)
-  preempted = _SigtermFlag()
+  preempted = preemption.SigtermFlag()
   bar = metric_logging.progress_bar(steps_total, resume_step, enabled=is_main)
   window = []  # metrics since the last log, still on the devices
   step = resume_step
@@ -305,30 +304,6 @@ def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, w
     if key.startswith(_RESUME_KEYS) and _jsonable(old.get(key)) != _jsonable(new[key]):
       raise ConfigError(f"{workdir} holds a run with config.{key}={old.get(key)!r}, this config has "
                         f"{new[key]!r}: use another --workdir, or the same config to resume")
-
-
-class _SigtermFlag:
-  """Set by SIGTERM (preemption) while training; with several processes orbax agrees on the step to
-  stop at. `restore()` gives SIGTERM back its previous handler."""
-
-  def __init__(self):
-    self._set = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self._set = True
-
-  def is_set(self, manager, step: int) -> bool:
-    if jax.process_count() > 1:
-      return manager.reached_preemption(step)
-    return self._set
 
 
 def _jsonable(value):

@@ -308,3 +308,11 @@ def test_a_run_starts_from_the_weight_files_and_keeps_frozen_layers(tmp_path, tf
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained["encoder"]["layer_5"]),
                                                        jax.tree.leaves(bert["encoder"]["layer_5"]))]
   assert all(changed), "the unfrozen layers train"
+
+
+def test_a_missing_accelerator_is_one_line(tmp_path):
+  """As launch/gpu_local.sh runs it (JAX_PLATFORMS=cuda) on a machine without a GPU."""
+  result = _main(f"--config={TINY}", f"--workdir={tmp_path / 'run'}", timeout=300,
+                 env=dict(os.environ, JAX_PLATFORMS="cuda"))
+  assert result.returncode != 0 and "JAX could not start its cuda backend" in result.stderr
+  assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -11,7 +11,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from convirt_jax import parallel
@@ -87,7 +86,7 @@ class Embedder:
         outputs["text_features"], outputs["text_emb"] = self._texts(
             self.variables, inputs["input_ids"], inputs["attention_mask"])
       for key, value in outputs.items():
-        collected[key].append(_gather(value))
+        collected[key].append(parallel.gather_rows(value))
     mask = np.concatenate(collected.pop("mask")).astype(bool)
     order = np.concatenate(collected.pop("index"))[mask]
     result = {}
@@ -106,13 +105,3 @@ def jitted_encoders(model: ConVIRTModel):
   images = jax.jit(lambda v, x: model.apply(v, x, method=ConVIRTModel.encode_images))
   texts = jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=ConVIRTModel.encode_texts))
   return images, texts
-
-
-def _gather(x) -> np.ndarray:
-  """A global (sharded) or host-local array -> the rows of every process, on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  if isinstance(x, jax.Array):
-    return np.asarray(x)
-  x = np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x

@@ -162,7 +162,8 @@ def plot_transfer_curves(results: Mapping[str, Any], out_png: str | os.PathLike)
   """The transfer job's metric against the fraction of training labels (log axis): one panel per
   protocol (linear, fine-tuning), one line per encoder (error bars = std over seeds); zero-shot scores,
   which use no labels, are dashed horizontal lines in every panel."""
-  from convirt_jax.evaluate.results import TRANSFER_PROTOCOLS, validate_transfer_results  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from convirt_jax.evaluate.results import TRANSFER_PROTOCOLS, validate_transfer_results
   results = to_json_ready(results)
   validate_transfer_results(results)
   methods, metric = results["methods"], results["metric"]

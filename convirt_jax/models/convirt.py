@@ -25,14 +25,14 @@ PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _AUTO_PRECISION = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
 
 
-def _torch_linear_bias_init(fan_in: int):
+def torch_linear_bias_init(fan_in: int):
   """torch.nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 # torch.nn.Linear's weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-_torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class ProjectionHead(nn.Module):
@@ -44,8 +44,8 @@ class ProjectionHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = lambda features, fan_in, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_torch_linear_kernel_init,
-        bias_init=_torch_linear_bias_init(fan_in), name=name)
+        features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
+        bias_init=torch_linear_bias_init(fan_in), name=name)
     x = nn.relu(dense(self.hidden_dim, x.shape[-1], "dense1")(x))
     # The embeddings leave in float32: the loss and the evaluations compare them at full precision.
     return dense(self.output_dim, self.hidden_dim, "dense2")(x).astype(jnp.float32)

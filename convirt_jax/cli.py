@@ -1,0 +1,64 @@
+"""What the jobs' command lines share: flag parsing and errors in one line, quieter orbax logs, main().
+
+Imports nothing heavy, so that --help and flag errors stay instant.
+"""
+import logging as std_logging
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line message instead of a traceback for a bad --config.KEY."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nSee --helpfull for the flags.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # config_flags raises these for an unknown key or a value of the wrong type.
+    while e.args and isinstance(e.args[0], Exception):  # unwrap AttributeError(KeyError(message))
+      e = e.args[0]
+    detail = e.args[0] if e.args else e
+    sys.exit(f"error: invalid --config override: {detail}")
+
+
+def quiet_orbax(record) -> bool:
+  """A logging filter: orbax's warnings about read-only managers and items not asked for (every load of
+  a pretraining checkpoint logs several) are noise here; its errors stay."""
+  return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdir: str | None, *,
+            configs_dir: str, workdir_prefix: str = "") -> None:
+  """A job's main(): checks the config file and the accelerator, then `run(config, workdir)`; a user
+  error (config, data, checkpoints) ends with its one-line message and no traceback.
+
+  `workdir` defaults to runs/<workdir_prefix><config file's name>.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
+    logging.get_absl_handler().addFilter(quiet_orbax)
+  config_file = flags.FLAGS["config"].config_filename
+  if not os.path.isfile(config_file):
+    sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
+  name = os.path.splitext(os.path.basename(config_file))[0]
+  workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.devices()  # start the backend now: a missing GPU is one line, not a traceback from deep inside
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    sys.exit(f"error: JAX could not start its {platforms or 'default'} backend ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}). Is a GPU/TPU visible to this process? "
+             "To run on the CPU, unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu).")
+  try:
+    run(config_flag.value, workdir)
+  except UserError as e:
+    sys.exit(f"error: {e}")

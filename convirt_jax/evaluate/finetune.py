@@ -1,0 +1,434 @@
+"""The fine-tuning protocol of the transfer job: every encoder weight + a new linear head, per label fraction.
+
+For each (encoder, fraction, seed) a run trains `models.classifier.ImageClassifier` (the encoder's
+ResNet and a linear head) with Adam on the training subset of that fraction and seed (the subset the
+linear protocol uses too: `training_subsets`), with the training augmentations (`pipeline.train_loader`
+with config.augment), data parallel over every device with synchronised BatchNorm. Every
+`finetune.eval_every_steps` steps (and at the end) the validation metric is computed (mean AUC, or
+accuracy for multiclass); the run stops after `finetune.patience` evaluations without improvement, and the
+checkpoint with the best validation metric is the one scored on the test split.
+
+Each run lives in <workdir>/finetune/<encoder>/<fraction>/<seed>/: orbax checkpoints (the last
+`finetune.keep` plus the best; state, data iterator and the early-stopping bookkeeping), so an interrupted
+run resumes exactly, and result.json once it is finished, so a finished run is skipped on rerun. A
+directory written with other settings is refused rather than mixed in.
+
+Scores follow `linear_probe`'s conventions (positive = label == 1; AUC per label and their mean, or
+accuracy and one-vs-rest AUCs for multiclass; a label with a single class in the test set or in a run's
+training subset is excluded with its reason).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from convirt_jax import parallel
+from convirt_jax.data import pipeline
+from convirt_jax.errors import ConfigError, TrainingDiverged
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.evaluate import linear_probe
+from convirt_jax.models.classifier import ImageClassifier
+from convirt_jax.models.resnet import resnet_features_dim
+from convirt_jax.training import checkpoints
+from convirt_jax.training import classifier_steps
+from convirt_jax.training import optimizer as optimizer_lib
+from convirt_jax.training import preemption
+from convirt_jax.training import state as state_lib
+
+RESULT_FILE = "result.json"
+BEST_METRIC = "val/neg_metric"  # the checkpoint manager keeps the lowest: the negated validation metric
+
+
+# ----------------------------------------------------------------------------------------------------
+# Subsets and scores (shared with the other protocols).
+
+
+def training_subsets(train_labels: np.ndarray, label_names: Sequence[str], fractions: Sequence[float],
+                     seeds: Sequence[int], min_train: int) -> dict[tuple[float, int], np.ndarray]:
+  """{(fraction, seed): sorted row indices}: `linear_probe.sample_training_subset` on the binarised
+  training labels, the very call `linear_probe.linear_probe` makes, so both protocols train on the same
+  rows."""
+  positive = linear_probe.binarize_labels(train_labels, label_names, "train labels")
+  return {(float(f), int(s)): linear_probe.sample_training_subset(positive, float(f), int(s), min_train)
+          for f in fractions for s in seeds}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  x = x - x.max(axis=1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=1, keepdims=True)
+
+
+def score_predictions(scores: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+                      task: str) -> dict[str, Any]:
+  """{"main": mean AUC (multilabel / binary) or accuracy (multiclass), "per_label": {name: AUC or None},
+  "excluded_labels": {name: reason}} of logits `scores` [N, L]; multiclass adds "auc_macro"."""
+  label_names = [str(n) for n in label_names]
+  positive = linear_probe.binarize_labels(labels, label_names, "labels")
+  scores = np.asarray(scores, np.float64)
+  excluded = {n: "single class in the test set" for j, n in enumerate(label_names)
+              if positive[:, j].all() or not positive[:, j].any()}
+  ranked = _softmax(scores) if task == "multiclass" else scores
+  auc = linear_probe._auc_or_none  # pylint: disable=protected-access
+  per_label = {n: None if n in excluded else auc(positive[:, j], ranked[:, j])
+               for j, n in enumerate(label_names)}
+  valid = [v for v in per_label.values() if v is not None]
+  mean_auc = float(np.mean(valid)) if valid else None
+  if task == "multiclass":
+    accuracy = float(np.mean(scores.argmax(axis=1) == positive.argmax(axis=1)))
+    return {"main": accuracy, "per_label": per_label, "excluded_labels": excluded, "auc_macro": mean_auc}
+  return {"main": mean_auc, "per_label": per_label, "excluded_labels": excluded}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference over a split.
+
+
+def predict(fn: Callable, variables: Any, source: Sequence[Any], config: ml_collections.ConfigDict,
+            mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(fn's rows, labels) of every record of `source`, in order, on every process.
+
+  `fn(variables, images)` is a jitted function of images sharded over "data" (e.g.
+  `classifier_steps.make_predict_fn`); images get the evaluation transform at config.data.image_size.
+  """
+  batch_size = features_lib.per_process_batch(config.eval.batch_size, mesh)
+  outputs, labels, index, mask = [], [], [], []
+  for batch in pipeline.eval_batches(source, None, config, batch_size=batch_size,
+                                     shard_index=jax.process_index(), shard_count=jax.process_count()):
+    outputs.append(parallel.gather_rows(fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])))
+    labels.append(parallel.gather_rows(batch["labels"]))
+    index.append(parallel.gather_rows(batch["index"]))
+    mask.append(parallel.gather_rows(batch["mask"]))
+  mask = np.concatenate(mask).astype(bool)
+  order = np.argsort(np.concatenate(index)[mask], kind="stable")
+  return np.concatenate(outputs)[mask][order], np.concatenate(labels)[mask][order]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One fine-tuning run: an encoder on the training subset of one (fraction, seed)."""
+  encoder: str          # the results' row name
+  slug: str             # the encoder's directory name
+  fraction: float
+  seed: int
+  subset: np.ndarray    # sorted row indices into the training split
+  steps: int            # planned steps (early stopping may end it sooner)
+  directory: str
+
+  @property
+  def prefix(self) -> str:
+    """The run's prefix in metrics.jsonl / TensorBoard."""
+    return f"finetune/{self.slug}/{self.fraction:g}/seed{self.seed}"
+
+
+def plan_steps(num_train: int, settings: ml_collections.ConfigDict) -> int:
+  """Steps of a run on `num_train` examples: finetune.epochs over them, at least min_steps, at most
+  max_steps (when set)."""
+  steps = math.ceil(settings.epochs * num_train / settings.batch_size)
+  steps = max(steps, int(settings.min_steps), 1)
+  return min(steps, int(settings.max_steps)) if settings.max_steps else steps
+
+
+def make_runs(workdir: str, encoder_name: str, slug: str, subsets: Mapping[tuple[float, int], np.ndarray],
+              settings: ml_collections.ConfigDict) -> list[Run]:
+  return [Run(encoder_name, slug, fraction, seed, subset, plan_steps(len(subset), settings),
+              os.path.join(workdir, "finetune", slug, f"{fraction:g}", str(seed)))
+          for (fraction, seed), subset in subsets.items()]
+
+
+def completed_steps(run: Run) -> int:
+  """Steps already done: all of them once result.json exists, else the latest checkpoint's step."""
+  if os.path.isfile(os.path.join(run.directory, RESULT_FILE)):
+    return run.steps
+  if not os.path.isdir(checkpoints.checkpoint_dir(run.directory)):
+    return 0
+  reader = checkpoints.make_manager(run.directory, read_only=True)
+  try:
+    return min(int(reader.latest_step() or 0), run.steps)
+  finally:
+    reader.close()
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def _check_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], directory: str) -> None:
+  saved, settings = _jsonable(saved), _jsonable(settings)
+  for key in sorted(set(saved) | set(settings)):
+    if saved.get(key) != settings.get(key):
+      raise ConfigError(f"{directory} holds a fine-tuning run with {key}={saved.get(key)!r}; this config "
+                        f"gives {settings.get(key)!r}: use another --workdir (or delete that directory)")
+
+
+def head_variables(seed: int, in_features: int, num_outputs: int) -> dict[str, np.ndarray]:
+  """The new linear head, torch.nn.Linear's initialisation (U(+-1/sqrt(in_features))) drawn with numpy."""
+  rng = np.random.default_rng(seed)
+  bound = 1.0 / math.sqrt(in_features)
+  return {"kernel": rng.uniform(-bound, bound, (in_features, num_outputs)).astype(np.float32),
+          "bias": rng.uniform(-bound, bound, (num_outputs,)).astype(np.float32)}
+
+
+def classifier_variables(model: ImageClassifier, encoder: Mapping[str, Any],
+                         seed: int) -> dict[str, Any]:
+  """The classifier's {"params", "batch_stats"}: the encoder's ResNet and a head drawn from `seed`."""
+  in_features = resnet_features_dim(model.encoder.depth, model.encoder.width)
+  return {"params": {"image": encoder["params"],
+                     "classifier": head_variables(seed, in_features, model.num_outputs)},
+          "batch_stats": {"image": encoder["batch_stats"]}}
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, lr: float,
+                   weight_decay: float):
+  """(optimizer, train_step, predict_fn) of a model and its Adam settings, built once per process: every
+  run (and every equal Finetuner) reuses the compiled steps."""
+  opt_config = ml_collections.ConfigDict({"optimizer": {
+      "lr": float(lr), "weight_decay": float(weight_decay), "schedule": "constant", "warmup_steps": 0,
+      "grad_clip_norm": 0.0, "plateau_factor": 0.5, "plateau_patience": 1}})
+  size = 64  # any size the strides survive: only the parameter tree's paths are read
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))["params"]
+  optimizer = optimizer_lib.make_optimizer(opt_config, shapes, 1)
+  return (optimizer, classifier_steps.make_train_step(model, optimizer, task, mesh),
+          classifier_steps.make_predict_fn(model, mesh))
+
+
+class Finetuner:
+  """Runs fine-tuning runs that share one model, optimizer and compiled steps.
+
+  Args:
+    model: the ImageClassifier (its ResNet built with axis_name=parallel.DATA_AXIS).
+    config: the transfer config (finetune.*, augment, data.image_size, eval.batch_size, data threads).
+    task: "binary" | "multilabel" | "multiclass".
+    label_names: the data set's labels.
+    sources: the data set's splits ("train", "test", and "validation" for model selection).
+    mesh: the device mesh.
+    identity: what else a run's results depend on (data set, encoder, architecture...), stored in every
+      run's checkpoints and result and compared on resume.
+    bar, logger: the job's progress bar and MetricLogger; `log_offset(run)` maps a run's step to the
+      job-wide step written to the logger.
+  """
+
+  def __init__(self, model: ImageClassifier, config: ml_collections.ConfigDict, task: str,
+               label_names: Sequence[str], sources: Mapping[str, Any], mesh: jax.sharding.Mesh, *,
+               identity: Mapping[str, Any], bar=None, logger=None,
+               log_offset: Callable[[Run], int] = lambda run: 0, preempted: preemption.SigtermFlag | None = None):
+    self.model, self.config, self.task, self.mesh = model, config, task, mesh
+    self.label_names = list(label_names)
+    self.sources = sources
+    self.identity = dict(identity)
+    self.bar, self.logger, self.log_offset = bar, logger, log_offset
+    self.preempted = preempted
+    ft = config.finetune
+    self.local_batch = parallel.local_batch_size(int(ft.batch_size), mesh)
+    self.optimizer, self.train_step, self.predict_fn = compiled_steps(
+        model, task, mesh, float(ft.lr), float(ft.weight_decay))
+
+  def settings(self, run: Run) -> dict[str, Any]:
+    ft = self.config.finetune
+    keep = ("lr", "weight_decay", "batch_size", "epochs", "min_steps", "max_steps", "eval_every_steps",
+            "patience", "precision")
+    return {**self.identity, "fraction": run.fraction, "seed": run.seed, "steps": run.steps,
+            "subset_sha256": hashlib.sha256(np.asarray(run.subset, np.int64).tobytes()).hexdigest(),
+            "finetune": {k: ft[k] for k in keep}, "augment": self.config.augment.to_dict(),
+            "task": self.task, "label_names": self.label_names}
+
+  def run(self, run: Run, encoder: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Fine-tunes (or resumes, or reads the finished result of) one run; None when preempted."""
+    settings = self.settings(run)
+    result_path = os.path.join(run.directory, RESULT_FILE)
+    if os.path.isfile(result_path):
+      with open(result_path) as f:
+        saved = json.load(f)
+      _check_settings(saved["settings"], settings, run.directory)
+      return saved["result"]
+    manager = checkpoints.make_manager(run.directory, keep=int(self.config.finetune.keep),
+                                       best_metric=BEST_METRIC)
+    try:
+      result = self._train(run, encoder, settings, manager)
+    finally:
+      manager.close()
+    if result is not None and jax.process_index() == 0:
+      tmp = result_path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(_jsonable({"settings": settings, "result": result}), f, indent=2)
+      os.replace(tmp, result_path)
+    return result
+
+  def _train(self, run: Run, encoder, settings, manager) -> dict[str, Any] | None:
+    ft, mesh = self.config.finetune, self.mesh
+    state = state_lib.new_state(classifier_variables(self.model, encoder, run.seed), self.optimizer,
+                                jax.random.PRNGKey(run.seed))
+    state = parallel.replicate(state, mesh)
+    # Tiled so that a subset smaller than a batch still fills every batch (repeats are harmless here).
+    rows_needed = self.local_batch * jax.process_count()
+    subset = np.tile(run.subset, math.ceil(rows_needed / len(run.subset)))
+    train_iter = iter(pipeline.train_loader(
+        features_lib.Subset(self.sources["train"], subset), None, self.config,
+        local_batch_size=self.local_batch, seed=run.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count()))
+    tracker = {"best": None, "best_step": 0, "bad_evals": 0, "stopped": False}
+    step = int(manager.latest_step() or 0)
+    if step:
+      _check_settings(checkpoints.restore_meta(manager, step)["settings"], settings, run.directory)
+      state, meta = checkpoints.restore(manager, step, checkpoints.abstract_like(state),
+                                        data_iterator=train_iter)
+      tracker = meta["tracker"]
+    has_validation = "validation" in self.sources
+    offset = self.log_offset(run)
+    window = []
+    while step < run.steps and not tracker["stopped"]:
+      batch = next(train_iter)
+      state, metrics = self.train_step(state, parallel.shard_batch(
+          {"image": batch["image"], "labels": batch["labels"]}, mesh))
+      step += 1
+      window.append(metrics)
+      if self.bar is not None:
+        self.bar.update(1)
+      last = step == run.steps
+      stopping = self.preempted is not None and self.preempted.is_set(manager, step)
+      evaluate = last or step % ft.eval_every_steps == 0
+      if window and (last or stopping or evaluate or step % ft.log_every_steps == 0):
+        summary = _summarise(window, run)
+        window = []
+        self._log(offset + step, summary)
+        if self.bar is not None:
+          self.bar.set_postfix(run=f"{run.encoder} {run.fraction:g}/{run.seed}",
+                               loss=f"{summary[run.prefix + '/train/loss']:.4f}")
+      val_metrics = None
+      if evaluate:
+        value = self._validation_metric(state) if has_validation else None
+        if value is not None and (tracker["best"] is None or value > tracker["best"]):
+          tracker.update(best=value, best_step=step, bad_evals=0)
+        elif value is not None:
+          tracker["bad_evals"] += 1
+        if ft.patience and tracker["bad_evals"] >= ft.patience and not last:
+          tracker["stopped"] = True
+        if value is not None:
+          val_metrics = {BEST_METRIC: -value}
+          self._log(offset + step, {f"{run.prefix}/val/{self._metric_name()}": value})
+      if evaluate or stopping:
+        # Host copies: orbax would otherwise slice every replicated array on every device.
+        checkpoints.save(manager, step, parallel.fetch(state), data_iterator=train_iter,
+                         meta={"settings": settings, "tracker": tracker, "step": step},
+                         metrics=val_metrics)
+      if stopping and not last:
+        return None
+    if tracker["stopped"] and self.bar is not None:
+      self.bar.update(run.steps - step)  # early stopped: the bar counts the planned steps
+    manager.wait_until_finished()
+    chosen = checkpoints.best_step(manager, BEST_METRIC) if has_validation else None
+    chosen = chosen or manager.latest_step()
+    if chosen != step:
+      state, _ = checkpoints.restore(manager, chosen, checkpoints.abstract_like(state))
+    logits, labels = predict(self.predict_fn, {"params": state["params"],
+                                               "batch_stats": state["batch_stats"]},
+                             self.sources["test"], self.config, mesh)
+    test = score_predictions(logits, labels, self.label_names, self.task)
+    return {"n_train": int(len(run.subset)), "n_test": int(labels.shape[0]), "steps_planned": run.steps,
+            "steps_run": int(step), "stopped_early": bool(tracker["stopped"]), "evaluated_step": int(chosen),
+            "selection": "validation" if has_validation else "last",
+            "val_metric": tracker["best"], "test": test}
+
+  def _metric_name(self) -> str:
+    return "accuracy" if self.task == "multiclass" else "auc"
+
+  def _validation_metric(self, state) -> float | None:
+    logits, labels = predict(self.predict_fn, {"params": state["params"],
+                                               "batch_stats": state["batch_stats"]},
+                             self.sources["validation"], self.config, self.mesh)
+    return score_predictions(logits, labels, self.label_names, self.task)["main"]
+
+  def _log(self, step: int, metrics: Mapping[str, float]) -> None:
+    if self.logger is not None:
+      self.logger.write(step, metrics)
+
+
+def _summarise(window: list[dict[str, jax.Array]], run: Run) -> dict[str, float]:
+  """Means over the window's steps, prefixed by the run; a non-finite loss stops the job."""
+  values = parallel.fetch(window)
+  for metrics in values:
+    if not np.isfinite(metrics["loss"]):
+      raise TrainingDiverged(
+          f"fine-tuning {run.prefix}: the training loss became {float(metrics['loss'])}; the last good "
+          "checkpoint is kept. Lower config.finetune.lr, then run the same command to resume.")
+  return {f"{run.prefix}/train/{key}": float(np.mean([m[key] for m in values])) for key in values[0]}
+
+
+def summarise(results: Mapping[tuple[float, int], Mapping[str, Any]], runs: Sequence[Run],
+              label_names: Sequence[str], task: str, train_labels: np.ndarray,
+              fractions: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+  """The protocol's entry for one encoder, shaped like `linear_probe.linear_probe`'s output:
+  {task, metric, label_names, n_pool, n_test, excluded_labels, fractions: [{fraction, mean, std,
+  per_seed, n_train, per_label, evaluated_step, steps_run, stopped_early}]}.
+
+  A label with a single class in a run's training subset gets None in that run (and in the fraction's
+  mean), with its reason in excluded_labels.
+  """
+  label_names = [str(n) for n in label_names]
+  positive = linear_probe.binarize_labels(train_labels, label_names, "train labels")
+  excluded: dict[str, str] = {}
+  by_key = {(r.fraction, r.seed): r for r in runs}
+  entries = []
+  n_test = None
+  for fraction in fractions:
+    rows = []
+    for seed in seeds:
+      run, result = by_key[(float(fraction), int(seed))], dict(results[(float(fraction), int(seed))])
+      test = dict(result["test"])
+      per_label = dict(test["per_label"])
+      n_test = result.get("n_test", n_test)
+      for name, reason in test.get("excluded_labels", {}).items():
+        excluded.setdefault(name, reason)
+      for j, name in enumerate(label_names):
+        column = positive[run.subset, j]
+        if column.all() or not column.any():
+          excluded.setdefault(name, f"single class in the training subset (fraction {fraction:g}, "
+                                    f"seed {seed})")
+          per_label[name] = None
+      if task != "multiclass":
+        valid = [v for v in per_label.values() if v is not None]
+        test["main"] = float(np.mean(valid)) if valid else None
+      rows.append((result, test, per_label))
+    mean, std = _mean_std([t["main"] for _, t, _ in rows])
+    per_label_mean = {}
+    for name in label_names:
+      values = [p[name] for _, _, p in rows]
+      per_label_mean[name] = None if any(v is None for v in values) else float(np.mean(values))
+    entry = {"fraction": float(fraction), "mean": mean, "std": std,
+             "per_seed": [t["main"] for _, t, _ in rows], "n_train": [r["n_train"] for r, _, _ in rows],
+             "per_label": per_label_mean, "evaluated_step": [r["evaluated_step"] for r, _, _ in rows],
+             "steps_run": [r["steps_run"] for r, _, _ in rows],
+             "stopped_early": [r["stopped_early"] for r, _, _ in rows],
+             "val_metric": [r["val_metric"] for r, _, _ in rows]}
+    if task == "multiclass":
+      macro = [t.get("auc_macro") for _, t, _ in rows]
+      entry["auc_macro"] = (None if any(m is None for m in macro)
+                            else dict(zip(("mean", "std"), _mean_std(macro))))
+    entries.append(entry)
+  return {"task": task, "metric": "accuracy" if task == "multiclass" else "auc",
+          "label_names": label_names, "n_pool": int(positive.shape[0]), "n_test": n_test,
+          "excluded_labels": excluded,
+          "fractions": entries}

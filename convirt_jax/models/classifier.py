@@ -1,0 +1,28 @@
+"""The fine-tuning model: the ConVIRT image encoder with a new linear head."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convirt_jax.models.convirt import normalize_images, torch_linear_bias_init, torch_linear_kernel_init
+from convirt_jax.models.resnet import ResNet, resnet_features_dim
+
+
+class ImageClassifier(nn.Module):
+  """uint8 NHWC images -> logits [N, num_outputs]: the ResNet ("image", the ConVIRT group's name and
+  layout, so encoder weights load unchanged) and a linear head ("classifier", torch.nn.Linear's init)."""
+  encoder: ResNet
+  num_outputs: int
+
+  def setup(self):
+    self.image = self.encoder.clone(parent=self, name="image")
+    fan_in = resnet_features_dim(self.encoder.depth, self.encoder.width)
+    self.classifier = nn.Dense(
+        self.num_outputs, param_dtype=jnp.float32,
+        kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """The pooled encoder features f_v [N, C] (what the linear protocol classifies)."""
+    return self.image(normalize_images(images), train=train)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.classifier(self.features(images, train=train).astype(jnp.float32))

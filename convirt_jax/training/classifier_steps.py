@@ -1,0 +1,134 @@
+"""An image classifier (the ResNet image encoder + a new linear head) and its data-parallel train/eval steps.
+
+The fine-tuning protocol of the transfer job: every encoder weight and the head are trained. As in
+`steps.py`, the forward pass and the loss run per device under `jax.shard_map` over the mesh axis "data":
+BatchNorm statistics are averaged over the axis (SyncBatchNorm) and the loss is the psum of per-device
+sums divided by the global count, so the gradient (already summed over the axis by shard_map's
+`check_vma`) is the gradient of the global-batch loss.
+
+Losses (labels as the data contract writes them: 1 positive, 0 negative, -1 uncertain, NaN not
+mentioned):
+  "binary" / "multilabel"  sigmoid binary cross-entropy per (row, label), target = (label == 1); NaN
+                           entries are masked out (not mentioned = no supervision); the mean is over the
+                           unmasked entries of the global batch.
+  "multiclass"             softmax cross-entropy against the one-hot row's class; mean over rows.
+The train state is `state.new_state` around {"params": {"image", "classifier"}, "batch_stats": {"image"}}.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from convirt_jax import parallel
+from convirt_jax.models.classifier import ImageClassifier
+from convirt_jax.training.optimizer import get_learning_rate
+
+TASKS = ("binary", "multilabel", "multiclass")
+Metrics = dict[str, jax.Array]
+
+
+def classification_loss_sums(logits: jax.Array, labels: jax.Array, task: str,
+                             row_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum of the loss terms, number of terms) of a batch; the loss is their ratio (see the module doc).
+
+  logits, labels: float [n, L]; row_mask: optional bool [n] (False rows count for nothing).
+  """
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: must be one of {TASKS}")
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.float32)
+  rows = jnp.ones(labels.shape[:1], bool) if row_mask is None else row_mask.astype(bool)
+  if task == "multiclass":
+    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(labels, axis=-1))
+    weights = rows.astype(jnp.float32)
+    return jnp.sum(weights * per_row), jnp.sum(weights)
+  known = ~jnp.isnan(labels) & rows[:, None]
+  targets = (labels == 1.0).astype(jnp.float32)
+  per_entry = optax.sigmoid_binary_cross_entropy(logits, targets)
+  weights = known.astype(jnp.float32)
+  return jnp.sum(jnp.where(known, per_entry, 0.0)), jnp.sum(weights)
+
+
+def _global_mean(total: jax.Array, count: jax.Array, axis: str | None) -> jax.Array:
+  if axis is not None:
+    total, count = jax.lax.psum(total, axis), jax.lax.psum(count, axis)
+  return total / jnp.maximum(count, 1.0)
+
+
+def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh) -> Callable[..., Any]:
+  """shard_map((params, batch_stats, images, labels) -> (grads, batch_stats, loss)), all replicated."""
+  axis = parallel.DATA_AXIS
+  if model.encoder.axis_name != axis:
+    raise ValueError(f"the classifier step needs the ResNet built with axis_name={axis!r} so that "
+                     f"BatchNorm statistics are synchronised; it has {model.encoder.axis_name!r}")
+
+  def per_device(params, batch_stats, images, labels):
+    def loss_fn(params):
+      logits, updated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"])
+      total, count = classification_loss_sums(logits, labels, task)
+      return _global_mean(total, count, axis), updated["batch_stats"]
+
+    # Already summed over the axis (check_vma): the loss is a psum of per-device sums.
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, new_stats, loss
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis)),
+                       out_specs=(P(), P(), P()))
+
+
+def make_gradient_fn(model: ImageClassifier, task: str, mesh: Mesh) -> Callable[..., Any]:
+  """jit((params, batch_stats, batch) -> (grads, new batch_stats, loss)): the train step's first half.
+
+  `batch` {"image" uint8 [B, S, S, 3], "labels" float32 [B, L]} sharded over "data"; outputs replicated.
+  Exposed so that tests compare gradients directly.
+  """
+  sharded = _sharded_gradients(model, task, mesh)
+  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  return jax.jit(lambda params, stats, batch: sharded(params, stats, batch["image"], batch["labels"]),
+                 in_shardings=(replicated, replicated, data), out_shardings=replicated)
+
+
+def make_train_step(model: ImageClassifier, optimizer: optax.GradientTransformation, task: str,
+                    mesh: Mesh) -> Callable[[dict, dict], tuple[dict, Metrics]]:
+  """jit(train_step(state, batch) -> (state, metrics)); the state (replicated) is donated.
+
+  Metrics: loss (global-batch mean), grad_norm, lr.
+  """
+  sharded = _sharded_gradients(model, task, mesh)
+
+  def train_step(state, batch):
+    grads, batch_stats, loss = sharded(state["params"], state["batch_stats"], batch["image"],
+                                       batch["labels"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
+                     batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                       "lr": get_learning_rate(opt_state)}
+
+  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=replicated,
+                 donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def make_predict_fn(model: ImageClassifier, mesh: Mesh, *, features: bool = False) -> Callable:
+  """jit((variables, images) -> logits [B, L], or the pooled features with `features=True`), inference
+  mode (running BatchNorm statistics), images sharded over "data" and the rows returned sharded alike.
+
+  One per (model, mesh, features) per process, so that every caller shares its compilations."""
+  axis = parallel.DATA_AXIS
+
+  def per_device(variables, images):
+    if features:
+      return model.apply(variables, images, method=ImageClassifier.features)
+    return model.apply(variables, images)
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P(axis))
+  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  return jax.jit(sharded, in_shardings=(replicated, data), out_shardings=data)

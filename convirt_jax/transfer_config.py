@@ -1,0 +1,154 @@
+"""The transfer job's configuration (`transfer_config()`) and its checks (`validate_transfer`).
+
+  python -m convirt_jax.transfer --config=configs/transfer/<task>.py --workdir=runs/<name>
+
+configs/transfer/*.py call `transfer_config()` and change what their task needs. The data, augmentation
+and image-model keys are those of the pretraining config (`config.base_config()`), so a data set is
+described the same way in both jobs; everything else is the transfer job's own. As in `config.py`, every
+key is declared here, so a typo in `--config.x.y=z` is an error rather than a silent no-op.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from convirt_jax import config as config_lib
+from convirt_jax.errors import ConfigError
+
+PROTOCOLS = ("linear", "finetune", "zeroshot")
+ENCODER_KINDS = ("imagenet", "random")  # besides a ConVIRT workdir (PATH, PATH@best|latest|STEP)
+
+
+def transfer_config() -> ml_collections.ConfigDict:
+  base = config_lib.base_config()
+  c = ml_collections.ConfigDict()
+  # Each: a ConVIRT pretraining workdir (its best checkpoint by validation loss; PATH@latest or
+  # PATH@STEP picks another), "imagenet" (torchvision weights, see imagenet_weights) or "random".
+  c.encoders = ("random",)
+  c.imagenet_weights = "torchvision"  # a local .pth/.pt/.safetensors file, or "torchvision" (download)
+  c.random_init_seed = 1              # the "Random Init." encoder's weights
+  c.protocols = PROTOCOLS             # any of "linear", "finetune", "zeroshot"
+  c.fractions = (0.01, 0.1, 1.0)      # fractions of the training labels (Table 1's 1% / 10% / 100%)
+  c.seeds = (0, 1, 2)                 # one training subset per (fraction, seed), shared by the protocols
+  c.min_train = 10                    # smallest training subset, whatever the fraction
+
+  # Architecture of the "imagenet" / "random" encoders when no ConVIRT workdir is given (a ConVIRT
+  # workdir's own config wins: every encoder must have the same architecture). batch_norm is how the
+  # encoder's BatchNorm trains when fine-tuning ("batch": synced batch statistics, torch's train mode).
+  c.model = ml_collections.ConfigDict()
+  c.model.image = ml_collections.ConfigDict()
+  c.model.image.depth = base.model.image.depth
+  c.model.image.width = base.model.image.width
+  c.model.image.small_stem = base.model.image.small_stem
+  c.model.image.batch_norm = base.model.image.batch_norm
+  c.data = base.data                  # the labelled downstream set (data.task sets or infers the task)
+  c.augment = base.augment            # fine-tuning's training augmentations (the paper's)
+
+  # Linear protocol: frozen encoder, L-BFGS logistic regression on the pooled features
+  # (evaluate/linear_probe.py, the same implementation as pretraining's evaluation).
+  c.linear = ml_collections.ConfigDict()
+  c.linear.c_grid = base.evals.linear_probe.c_grid  # inverse L2 strengths tried on validation
+  c.linear.default_c = base.evals.linear_probe.default_c  # used when there is no validation split
+  c.linear.max_iter = base.evals.linear_probe.max_iter
+
+  # Fine-tuning protocol: every encoder weight + a new linear head, Adam (PyTorch semantics), the
+  # training augmentations above, model selection on the validation metric. Sources: the ConVIRT paper
+  # (Zhang et al., arXiv 2010.00747) states Adam with learning rate 1e-4 and weight decay 1e-6 for its
+  # pretraining (base_config's values); its appendix's fine-tuning values could not be checked offline
+  # when this was written, so every value below is marked "assumed" unless it restates one of those.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.lr = 1e-4                # assumed: the paper's Adam learning rate (pretraining's, 1e-4)
+  c.finetune.weight_decay = 1e-6      # assumed: the paper's Adam weight decay (pretraining's, 1e-6); L2
+  c.finetune.batch_size = 64          # assumed (global batch, over every device)
+  c.finetune.epochs = 50.0            # assumed: an upper bound; early stopping on validation ends runs
+  c.finetune.min_steps = 100          # floor on the steps of a run (1% subsets are a few batches)
+  c.finetune.max_steps = 0            # cap on the steps of a run; 0 = none
+  c.finetune.eval_every_steps = 100   # assumed: validation metric (AUC / accuracy) every N steps, and last
+  c.finetune.patience = 10            # assumed: stop after N evaluations without improvement; 0 = never
+  c.finetune.keep = 1                 # checkpoints kept besides the best one
+  c.finetune.precision = "auto"       # activations: "auto" (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
+  c.finetune.log_every_steps = 10
+
+  # Zero-shot protocol (not in the paper; ConVIRT encoders only): label -> tuple of prompt sentences.
+  # Empty: CheXpert's five competition labels' defaults (evaluate/zeroshot.CHEXPERT_PROMPTS).
+  c.zeroshot = ml_collections.ConfigDict()
+  c.zeroshot.prompts = ml_collections.ConfigDict()
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128             # inference batch (features, validation, test), over every device
+  c.distributed = base.distributed
+  return c
+
+
+_CHOICES = {
+    "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
+    "data.task": ("auto", "binary", "multilabel", "multiclass"),
+    "data.uncertainty": ("zeros", "ones", "ignore"),
+    "model.image.depth": (18, 34, 50, 101),
+    "model.image.batch_norm": ("batch", "frozen"),
+    "finetune.precision": ("auto", "float32", "bfloat16"),
+}
+_POSITIVE = ("model.image.width", "data.image_size", "data.stored_size", "finetune.lr",
+             "finetune.batch_size", "finetune.eval_every_steps", "finetune.log_every_steps",
+             "finetune.keep", "eval.batch_size", "linear.default_c", "linear.max_iter", "min_train")
+
+
+def validate_transfer(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first key that is unknown, missing or out of range.
+
+  Runs before any data is read or anything compiles. The encoders' paths are checked when they are
+  parsed (`transfer_encoders.parse_encoders`), the labels when the data set is opened.
+  """
+  config_lib.check_keys_and_values(config, transfer_config(), _CHOICES, _POSITIVE)
+  if not config.encoders:
+    raise ConfigError("config.encoders is empty: give ConVIRT workdirs, \"imagenet\" and/or \"random\"")
+  if len(set(config.encoders)) != len(config.encoders):
+    raise ConfigError(f"config.encoders={tuple(config.encoders)} names an encoder twice")
+  if not config.protocols:
+    raise ConfigError(f"config.protocols is empty: choose from {PROTOCOLS}")
+  for protocol in config.protocols:
+    if protocol not in PROTOCOLS:
+      raise ConfigError(f"config.protocols has {protocol!r}: each must be one of {PROTOCOLS}")
+  if not config.fractions:
+    raise ConfigError("config.fractions is empty: give label fractions in (0, 1], e.g. (0.01, 0.1, 1.0)")
+  for fraction in config.fractions:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+      raise ConfigError(f"config.fractions has {fraction!r}: each fraction must be in (0, 1]")
+  if len(set(config.fractions)) != len(config.fractions):
+    raise ConfigError(f"config.fractions={tuple(config.fractions)} repeats a fraction")
+  if not config.seeds:
+    raise ConfigError("config.seeds is empty: give at least one seed")
+  for seed in config.seeds:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      raise ConfigError(f"config.seeds has {seed!r}: seeds are non-negative integers")
+  if len(set(config.seeds)) != len(config.seeds):
+    raise ConfigError(f"config.seeds={tuple(config.seeds)} repeats a seed")
+  ft = config.finetune
+  if ft.epochs <= 0 and ft.max_steps <= 0 and ft.min_steps <= 0:
+    raise ConfigError("config.finetune.epochs, min_steps and max_steps are all 0: set one of them")
+  for key in ("weight_decay", "min_steps", "max_steps", "patience", "epochs"):
+    if ft[key] < 0:
+      raise ConfigError(f"config.finetune.{key}={ft[key]!r}: must be >= 0")
+  if ft.max_steps and ft.min_steps > ft.max_steps:
+    raise ConfigError(f"config.finetune.min_steps={ft.min_steps} exceeds finetune.max_steps="
+                      f"{ft.max_steps}")
+  if not config.linear.c_grid or min(config.linear.c_grid) <= 0:
+    raise ConfigError(f"config.linear.c_grid={tuple(config.linear.c_grid)}: give positive C values")
+  for label, prompts in config.zeroshot.prompts.items():
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip()
+                                                          for p in prompts):
+      raise ConfigError(f"config.zeroshot.prompts[{label!r}]={prompts!r}: give a tuple of sentences")
+  if config.data.name == "csv":
+    if not config.data.csv:
+      raise ConfigError("config.data.csv is empty: give the labelled CSV (--config.data.csv=/path.csv)")
+    if not config.data.label_columns:
+      raise ConfigError("config.data.label_columns is empty: name the CSV's label columns, e.g. "
+                        "--config.data.label_columns=\"('effusion','pneumonia')\"")
+  if config.data.name in ("rsna", "chexpert", "covidx", "mura", "mimic_cxr") and not config.data.dir:
+    raise ConfigError(f"config.data.dir is empty: give the directory of the {config.data.name} download "
+                      "(--config.data.dir=/path/to/it)")
+  if config.imagenet_weights != "torchvision" and "imagenet" in config.encoders and not (
+      config.imagenet_weights):
+    raise ConfigError("config.imagenet_weights is empty: give a torchvision weights file or "
+                      "\"torchvision\" (download)")
+  from convirt_jax.data.augment import TrainAugment  # pylint: disable=g-import-not-at-top
+  TrainAugment.from_config(config.augment, config.data.image_size)  # ConfigError naming a bad range

@@ -1,0 +1,309 @@
+"""The transfer job (`convirt_jax.transfer.run`): encoders x protocols x label fractions x seeds.
+
+Order: every check that needs no compiled code (config, encoders, data set, task, labels, prompts,
+batch divisibility), then the cheap protocols of every encoder (linear: frozen pooled features and
+`linear_probe.linear_probe`; zero-shot for ConVIRT encoders), then fine-tuning under one progress bar
+over all of its runs. Results are rewritten after each protocol of each encoder; each protocol's result
+per encoder is also kept in a small JSON (<workdir>/linear/<encoder>.json, zeroshot/..., and each
+fine-tuning run's result.json), so a rerun skips what is finished.
+
+Every protocol trains on the same subsets: `finetune.training_subsets` is the linear probe's own
+`linear_probe.sample_training_subset` on the training labels, per (fraction, seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from convirt_jax import parallel
+from convirt_jax import transfer_config
+from convirt_jax import transfer_encoders
+from convirt_jax.data import datasets
+from convirt_jax.errors import ConfigError, DataError
+from convirt_jax.evaluate import features as features_lib
+from convirt_jax.evaluate import finetune, linear_probe, plots, zeroshot
+from convirt_jax.evaluate import results as results_lib
+from convirt_jax.models.classifier import ImageClassifier
+from convirt_jax.models.convirt import compute_dtype
+from convirt_jax.models.resnet import ResNet
+from convirt_jax.training import classifier_steps
+from convirt_jax.training import metric_logging
+from convirt_jax.training import preemption
+
+CURVES_PNG = "transfer_curves.png"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Transfers every encoder with every protocol; writes and returns the results ({} when preempted)."""
+  start = time.monotonic()
+  transfer_config.validate_transfer(config)
+  if "://" in workdir:
+    raise ConfigError(f"--workdir={workdir}: give a filesystem path (mount a bucket, e.g. with gcsfuse)")
+  protocols = tuple(config.protocols)
+  encoders = transfer_encoders.parse_encoders(config)
+  if "zeroshot" in protocols and not any(e.is_convirt for e in encoders):
+    raise ConfigError(f"config.protocols has 'zeroshot', which needs a ConVIRT encoder (its text tower); "
+                      f"config.encoders={tuple(config.encoders)} has none")
+  arch = transfer_encoders.resolve_architecture(encoders, config)
+  config = _with_architecture(config, arch)
+  parallel.initialize(config.distributed)
+  mesh = parallel.make_mesh()
+  if "finetune" in protocols:
+    try:
+      parallel.local_batch_size(int(config.finetune.batch_size), mesh)
+    except ConfigError as e:
+      raise ConfigError(f"config.finetune.batch_size: {e}") from None
+  os.makedirs(workdir, exist_ok=True)
+  dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
+                                  is_builder_process=parallel.is_main_process())
+  for split in ("train", "test"):
+    if split not in dataset.sources:
+      raise DataError(f"the {config.data.name} data set has no {split} split")
+  label_names = list(dataset.label_names)
+  train_labels = _split_labels(dataset.sources["train"])
+  task = resolve_task(config.data.task, dataset.task, label_names, train_labels)
+  prompts, unprompted = ({}, {})
+  if "zeroshot" in protocols:
+    prompts, unprompted = zeroshot.resolve_prompts(config.zeroshot.prompts.to_dict(), label_names, task)
+  subsets = finetune.training_subsets(train_labels, label_names, config.fractions, config.seeds,
+                                      config.min_train)
+  if parallel.is_main_process():
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  model = classifier_model(config, arch, len(label_names))
+  job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders)
+  for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
+    job.encoder_variables(encoder)
+  title = linear_probe.DATASET_TITLES.get(config.data.name, config.data.name)
+  job.results = {
+      "dataset": title, "task": task, "metric": "accuracy" if task == "multiclass" else "auc",
+      "label_names": label_names,
+      "run": {"workdir": workdir, "data": dataset.info.full_name, "task": task,
+              "splits": {s: len(v) for s, v in dataset.sources.items()},
+              "architecture": arch.describe(),
+              "encoders": {e.name: transfer_encoders.describe(e, config) for e in encoders},
+              "protocols": list(protocols), "fractions": list(config.fractions), "seeds": list(config.seeds),
+              "finetune": {k: config.finetune[k] for k in ("lr", "weight_decay", "batch_size", "epochs",
+                                                           "min_steps", "max_steps", "eval_every_steps",
+                                                           "patience")},
+              "devices": jax.device_count(), "processes": jax.process_count()},
+      "methods": {e.name: {} for e in encoders}}
+  _announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "
+            f"validation {len(dataset.sources.get('validation', ()))} / test {len(dataset.sources['test'])}) "
+            f"of {', '.join(e.name for e in encoders)} ({arch.describe()}): {', '.join(protocols)}")
+  for encoder in encoders:
+    if "linear" in protocols:
+      job.results["methods"][encoder.name]["linear"] = job.linear(encoder)
+      job.write()
+    if "zeroshot" in protocols and encoder.is_convirt:
+      job.results["methods"][encoder.name]["zeroshot"] = job.zeroshot(encoder, prompts, unprompted)
+      job.write()
+  if "finetune" in protocols and not job.finetune_all():
+    _announce("Preempted: fine-tuning stopped at a checkpoint; run the same command to resume.")
+    return {}
+  job.write(plot=True)
+  _announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
+            f"Results, metrics and {CURVES_PNG} are in {workdir} ({time.monotonic() - start:.0f} s)")
+  return job.results
+
+
+def resolve_task(requested: str, dataset_task: str, label_names: list[str], train_labels: np.ndarray) -> str:
+  """config.data.task -> "binary" | "multilabel" | "multiclass"; "auto" is the data set's own (one label:
+  binary). Raises ConfigError / DataError when the labels cannot be that task."""
+  if not label_names:
+    raise DataError("the data set has no labels to transfer to (a CSV needs config.data.label_columns)")
+  if requested == "auto":
+    if dataset_task == "multiclass":
+      return "multiclass"
+    return "binary" if len(label_names) == 1 else "multilabel"
+  if requested == "binary" and len(label_names) != 1:
+    raise ConfigError(f"config.data.task='binary' needs exactly one label; the data set has "
+                      f"{len(label_names)}: {label_names}")
+  if requested == "multiclass":
+    counts = linear_probe.binarize_labels(train_labels, label_names, "train labels").sum(axis=1)
+    if (counts != 1).any():
+      row = int(np.argmax(counts != 1))
+      raise DataError(f"config.data.task='multiclass' but training row {row} has {counts[row]} positive "
+                      "labels (a multiclass row has exactly one)")
+  return requested
+
+
+def classifier_model(config: ml_collections.ConfigDict, arch: transfer_encoders.Architecture,
+                     num_outputs: int) -> ImageClassifier:
+  """The classifier every protocol runs (its ResNet synchronises BatchNorm over the data axis)."""
+  encoder = ResNet(depth=arch.depth, width=arch.width, small_stem=arch.small_stem,
+                   axis_name=parallel.DATA_AXIS, dtype=compute_dtype(config.finetune.precision),
+                   batch_norm=config.model.image.batch_norm)
+  return ImageClassifier(encoder=encoder, num_outputs=num_outputs)
+
+
+def _with_architecture(config: ml_collections.ConfigDict,
+                       arch: transfer_encoders.Architecture) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.image.depth, config.model.image.width = arch.depth, arch.width
+  config.model.image.small_stem = arch.small_stem
+  config.data.image_size = arch.image_size
+  return config
+
+
+def _split_labels(source) -> np.ndarray:
+  return np.stack([np.asarray(source[i]["labels"], np.float32) for i in range(len(source))])
+
+
+class _Job:
+  """The state shared by the protocols of one run of the job."""
+
+  def __init__(self, config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch,
+               encoders):
+    self.config, self.workdir, self.mesh, self.dataset = config, workdir, mesh, dataset
+    self.task, self.label_names, self.train_labels = task, label_names, train_labels
+    self.subsets, self.model, self.arch, self.encoders = subsets, model, arch, encoders
+    self.results: dict[str, Any] = {}
+    self._variables: dict[str, dict[str, Any]] = {}
+
+  def identity(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
+    """What an encoder's results depend on besides the protocol's own settings."""
+    return {"data": self.dataset.info.full_name, "encoder": encoder.spec, "encoder_step": encoder.step,
+            "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
+            "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
+            "architecture": dataclasses.asdict(self.arch), "fractions": list(self.config.fractions),
+            "seeds": list(self.config.seeds), "min_train": self.config.min_train, "task": self.task}
+
+  def encoder_variables(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
+    """The ResNet's {"params", "batch_stats"} of an encoder (read once per job)."""
+    if encoder.spec not in self._variables:
+      self._variables[encoder.spec] = transfer_encoders.load_encoder(encoder, self.arch, self.config)
+    return self._variables[encoder.spec]
+
+  def _cached(self, protocol: str, encoder, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    path = os.path.join(self.workdir, protocol, f"{encoder.slug}.json")
+    settings = _jsonable(settings)
+    if os.path.isfile(path):
+      with open(path) as f:
+        saved = json.load(f)
+      if saved.get("settings") == settings:
+        return saved["result"]
+    result = _jsonable(results_lib.to_json_ready(compute()))
+    if parallel.is_main_process():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _write_json(path, {"settings": settings, "result": result})
+    return result
+
+  def linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
+    """The linear protocol: `linear_probe.linear_probe` on the frozen encoder's pooled features.
+
+    The paper trains a linear layer with Adam on frozen features; this is the same model (a linear
+    classifier with a logistic loss) fitted to its optimum by L-BFGS, with the L2 strength chosen on
+    validation. The problem is convex, so both reach the same family of optima; L-BFGS does so
+    deterministically, without a learning rate or epoch count to tune, and in seconds on a CPU. It is the
+    one implementation the pretraining job's evaluation uses too.
+    """
+    settings = {**self.identity(encoder), "linear": self.config.linear.to_dict()}
+    return self._cached("linear", encoder, settings, lambda: self._linear(encoder))
+
+  def _linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
+    _announce(f"Linear protocol: {encoder.name}...")
+    variables = parallel.replicate(
+        finetune.classifier_variables(self.model, self.encoder_variables(encoder), seed=0), self.mesh)
+    features_fn = classifier_steps.make_predict_fn(self.model, self.mesh, features=True)
+    splits = {split: finetune.predict(features_fn, variables, source, self.config, self.mesh)
+              for split, source in self.dataset.sources.items() if split in ("train", "validation", "test")}
+    val = splits.get("validation")
+    linear = self.config.linear
+    try:
+      result = linear_probe.linear_probe(
+          splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
+          label_names=self.label_names, task="multiclass" if self.task == "multiclass" else "multilabel",
+          fractions=tuple(self.config.fractions), seeds=tuple(self.config.seeds),
+          val_features=None if val is None else val[0], val_labels=None if val is None else val[1],
+          c_grid=tuple(linear.c_grid), default_c=linear.default_c, max_iter=linear.max_iter,
+          min_train=self.config.min_train)
+    except ValueError as e:
+      raise DataError(f"linear protocol on {encoder.name}: {e}") from e
+    return dict(result, task=self.task)
+
+  def zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
+    settings = {**self.identity(encoder), "prompts": prompts}
+    return self._cached("zeroshot", encoder, settings,
+                        lambda: self._zeroshot(encoder, prompts, unprompted))
+
+  def _zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
+    from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
+    _announce(f"Zero-shot protocol: {encoder.name}...")
+    convirt = ConVIRT.load(encoder.path, encoder.step)
+    embedder = features_lib.Embedder(convirt.model, convirt.variables, self.mesh)
+    test = embedder.split(self.dataset.sources["test"], None, self.config, with_text=False)
+    class_emb = zeroshot.class_embeddings(prompts, convirt.encode_texts)
+    result = zeroshot.evaluate_zeroshot(test["image_emb"], test["labels"], self.label_names, self.task,
+                                        class_emb, excluded=unprompted)
+    return dict(result, prompts=prompts)
+
+  def finetune_all(self) -> bool:
+    """Every fine-tuning run under one progress bar; False when preempted."""
+    config = self.config
+    runs = {e.spec: finetune.make_runs(self.workdir, e.name, e.slug, self.subsets, config.finetune)
+            for e in self.encoders}
+    ordered = [r for e in self.encoders for r in runs[e.spec]]
+    offsets, total = {}, 0
+    for r in ordered:
+      offsets[r.directory] = total
+      total += r.steps
+    done = [finetune.completed_steps(r) for r in ordered]
+    resume = next((offsets[r.directory] + d for r, d in zip(ordered, done) if d < r.steps), total)
+    is_main = parallel.is_main_process()
+    _announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
+              f"({sum(done)} done), batch {config.finetune.batch_size}, lr {config.finetune.lr:g}")
+    logger = metric_logging.MetricLogger(self.workdir, enabled=is_main, resume_step=resume)
+    bar = metric_logging.progress_bar(total, sum(done), is_main, desc="fine-tune")
+    preempted = preemption.SigtermFlag()
+    try:
+      finetuner = finetune.Finetuner(self.model, config, self.task, self.label_names, self.dataset.sources,
+                                     self.mesh, identity={}, bar=bar, logger=logger,
+                                     log_offset=lambda r: offsets[r.directory], preempted=preempted)
+      for encoder in self.encoders:
+        finetuner.identity = self.identity(encoder)
+        outcomes = {}
+        for r in runs[encoder.spec]:
+          outcome = finetuner.run(r, self.encoder_variables(encoder))
+          if outcome is None:
+            return False
+          outcomes[(r.fraction, r.seed)] = outcome
+        self.results["methods"][encoder.name]["finetune"] = finetune.summarise(
+            outcomes, runs[encoder.spec], self.label_names, self.task, self.train_labels,
+            config.fractions, config.seeds)
+        self.write()
+    finally:
+      bar.close()
+      preempted.restore()
+      logger.close()
+    return True
+
+  def write(self, plot: bool = False) -> None:
+    if not parallel.is_main_process():
+      return
+    results_lib.write_transfer_results(self.workdir, self.results)
+    methods = self.results["methods"]
+    if plot and any(p in e for e in methods.values() for p in ("linear", "finetune", "zeroshot")):
+      plots.plot_transfer_curves(self.results, os.path.join(self.workdir, CURVES_PNG))
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def _announce(message: str) -> None:
+  if parallel.is_main_process():
+    print(message, flush=True)
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, default=str)
+  os.replace(tmp, path)
