@@ -36,6 +36,7 @@ from convirt_jax.models.resnet import ResNet
 from convirt_jax.training import classifier_steps
 from convirt_jax.training import metric_logging
 from convirt_jax.training import preemption
+from convirt_jax.training import workdir_lock
 
 CURVES_PNG = "transfer_curves.png"
 
@@ -61,6 +62,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     except ConfigError as e:
       raise ConfigError(f"config.finetune.batch_size: {e}") from None
   os.makedirs(workdir, exist_ok=True)
+  # One job per workdir: a second one would interleave checkpoints and results with this one's.
+  with workdir_lock.WorkdirLock(workdir, enabled=parallel.is_main_process()):
+    return _transfer(config, workdir, mesh, protocols, encoders, arch, start)
+
+
+def _transfer(config, workdir, mesh, protocols, encoders, arch, start) -> dict[str, Any]:
   dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
                                   is_builder_process=parallel.is_main_process())
   for split in ("train", "test"):

@@ -290,11 +290,12 @@ class Finetuner:
         local_batch_size=self.local_batch, seed=run.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count()))
     tracker = {"best": None, "best_step": 0, "bad_evals": 0, "stopped": False}
-    step = int(manager.latest_step() or 0)
-    if step:
-      _check_settings(checkpoints.restore_meta(manager, step)["settings"], settings, run.directory)
-      state, meta = checkpoints.restore(manager, step, checkpoints.abstract_like(state),
-                                        data_iterator=train_iter)
+    step = 0
+    if manager.latest_step():  # the newest readable step; a damaged one is named and skipped
+      step, state, meta = checkpoints.restore_newest(manager, checkpoints.abstract_like(state),
+                                                     data_iterator=train_iter,
+                                                     announce=self.bar.write if self.bar else print)
+      _check_settings(meta["settings"], settings, run.directory)
       tracker = meta["tracker"]
     has_validation = "validation" in self.sources
     offset = self.log_offset(run)
