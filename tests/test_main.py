@@ -118,6 +118,9 @@ def test_sigterm_saves_and_resume_gives_exactly_the_uninterrupted_parameters(
   step_b, b = final_params(workdir)
   assert step_a == step_b == 6
   assert_same_parameters(a, b)
+  # ... and the same evaluation: the results of the same command are the same, to the last digit.
+  results = [json.load(open(os.path.join(d, "results.json")))["methods"] for d in (uninterrupted_dir, workdir)]
+  assert results[0] == results[1]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_steps = [r["step"] for r in rows if "train/loss" in r]
   assert train_steps == sorted(set(train_steps)), "a resumed run logs each step once"

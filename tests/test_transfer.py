@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import tiny_config
-from convirt_jax import parallel, transfer, transfer_encoders
+from convirt_jax import parallel, transfer_encoders
 from convirt_jax.data import datasets
 from convirt_jax.errors import CheckpointError, ConfigError, DataError
 from convirt_jax.evaluate import finetune, linear_probe, zeroshot
@@ -155,7 +155,7 @@ def job(root, convirt_dir):
   config = tiny_transfer_config(root, (convirt_dir, "random"))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(linear_probe, "sample_training_subset", spy)
-    results = transfer.run(config, workdir)
+    results = transfer_job.run(config, workdir)
   return workdir, config, results, calls
 
 
@@ -201,7 +201,7 @@ def test_job_writes_results_of_every_protocol(job):
   for slug in ("convirt", "random"):
     for fraction in ("0.1", "1"):
       assert os.path.isfile(os.path.join(workdir, "finetune", slug, fraction, "0", finetune.RESULT_FILE))
-  again = transfer.run(config, workdir)
+  again = transfer_job.run(config, workdir)
   assert json.dumps(again["methods"], sort_keys=True) == json.dumps(results["methods"], sort_keys=True)
 
 
@@ -499,7 +499,7 @@ def test_bad_input_gives_a_clear_error(root, convirt_dir, changes, error, match)
 
   changes = {k: tuple(fill(x) for x in v) if isinstance(v, tuple) else fill(v) for k, v in changes.items()}
   with pytest.raises(error, match=match):
-    transfer.run(_bad(root, convirt_dir, **changes), os.path.join(root, "bad"))
+    transfer_job.run(_bad(root, convirt_dir, **changes), os.path.join(root, "bad"))
 
 
 def test_csv_without_the_label_columns_is_refused(root, convirt_dir):
@@ -509,7 +509,7 @@ def test_csv_without_the_label_columns_is_refused(root, convirt_dir):
   config = _bad(root, convirt_dir, data__name="csv", data__csv=csv, protocols=("linear",))
   config.data.label_columns = ("effusion", "pneumonia")
   with pytest.raises(DataError, match="missing required column 'pneumonia'"):
-    transfer.run(config, os.path.join(root, "bad_csv"))
+    transfer_job.run(config, os.path.join(root, "bad_csv"))
 
 
 def test_cli_prints_one_line_naming_the_missing_pretraining_run(root):
