@@ -28,16 +28,15 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from convirt_jax.config import base_config
 from convirt_jax.data import datasets
 from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
+import fake_data  # shared fake data of the builders' tests
 
 tfds.disable_progress_bar()
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 SEED = 12
-SIZE = 16
 KEPT = "kept"
 TALLY = collections.Counter()  # tried, kept, skipped:<reason>, strict_errors, file_errors, crashes
 CRASHES = []
@@ -70,25 +69,13 @@ def _assert_nothing_left(config, tfds_dir: str) -> None:
     assert not [d for d in dirs if "incomplete" in d], folder
 
 
-def _skipped(dataset) -> collections.Counter:
-  total = collections.Counter()
-  for counts in dataset.info.metadata["skipped"].values():
-    total.update({reason: int(n) for reason, n in counts.items()})
-  return total
-
-
-def _records(dataset) -> dict[str, dict]:
-  return {r["id"]: r for source in dataset.sources.values()
-          for r in (datasets.decode_record(source[i]) for i in range(len(source)))}
-
-
 def _expect_default(dataset, cases, what: str) -> dict[str, dict]:
   """The default build of `cases`: each skip counted under its reason, each KEPT case stored and checked."""
   if not isinstance(dataset, datasets.Dataset):
     pytest.fail(f"{what}: the default build failed: {type(dataset).__name__}: {dataset}")
   expected = collections.Counter(c.expect for c in cases if c.expect != KEPT)
-  assert _skipped(dataset) == expected, what
-  records = _records(dataset)
+  assert fake_data.skipped(dataset) == expected, what
+  records = fake_data.by_id(dataset)
   for case in cases:
     TALLY["tried"] += 1
     TALLY[f"tried:{what.split()[0]}"] += 1
@@ -161,7 +148,8 @@ def _write(path, data: bytes) -> None:
 def _flat(expected: int, tolerance: int = 2) -> Callable[[dict], None]:
   def check(record):
     image = record["image"].astype(int)
-    assert image.shape == (SIZE, SIZE) and np.abs(image - expected).max() <= tolerance, (expected, image)
+    assert image.shape == (fake_data.SIZE, fake_data.SIZE), (expected, image)
+    assert np.abs(image - expected).max() <= tolerance, (expected, image)
   return check
 
 
@@ -387,16 +375,8 @@ def _csv_bytes(rows: list) -> bytes:
 
 
 def _csv_config(path, **data):
-  config = base_config()
-  config.data.name = "csv"
-  config.data.csv = str(path)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  config.data.label_columns = ("finding",)
-  config.data.task = "binary"
-  for key, value in data.items():
-    config.data[key] = value
-  return config
+  """The config of a CSV of pairs with the binary label column "finding" (`data` may say otherwise)."""
+  return fake_data.csv_config(path, **{"label_columns": ("finding",), "task": "binary", **data})
 
 
 @pytest.fixture(scope="module")
@@ -538,17 +518,6 @@ def _mimic_tree(root: str, studies: list[Study], rng: random.Random) -> None:
     _write(os.path.join(root, f"mimic-cxr-2.0.0-{name}.csv"), out.getvalue().encode())
 
 
-def _mimic_config(root, **data):
-  config = base_config()
-  config.data.name = "mimic_cxr"
-  config.data.dir = str(root)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  for key, value in data.items():
-    config.data[key] = value
-  return config
-
-
 def _mimic_cases(rng: random.Random) -> list[tuple[Case, Study]]:
   cases = []
 
@@ -601,7 +570,7 @@ def test_mimic_bad_records(tmp_path):
   tfds_dir = str(tmp_path / "tfds")
   root = str(tmp_path / "all")
   _mimic_tree(root, _good_studies("1") + [s for _, s in cases], rng)
-  dataset = _load(_mimic_config(root), tfds_dir, "mimic default")
+  dataset = _load(fake_data.dir_config("mimic_cxr", root), tfds_dir, "mimic default")
   # The study listed in two splits: its first listing (train) is kept, the second is the duplicate (test).
   _expect_default(dataset, [c for c, _ in cases], "mimic default")
 
@@ -618,7 +587,8 @@ def test_mimic_bad_records(tmp_path):
       names += ["mimic-cxr-2.0.0-split.csv", "line 6"]
     elif case.expect in (common.EMPTY_REPORT, common.NO_FINDINGS, common.MISSING_REPORT):
       names += [f"report {case.record_id.rsplit('/', 1)[0]}.txt"]
-    outcome = _load(_mimic_config(root, strict=True), tfds_dir, f"mimic strict {case.kind}")
+    outcome = _load(fake_data.dir_config("mimic_cxr", root, strict=True), tfds_dir,
+                    f"mimic strict {case.kind}")
     _expect_strict_error(outcome, names + [case.expect], f"mimic strict {case.kind}")
   assert not CRASHES, CRASHES
 
@@ -659,7 +629,7 @@ def test_mimic_bad_files(tmp_path):
       content = f.read()
     _write(path, edit(content))
     for strict in (False, True):
-      outcome = _load(_mimic_config(root, strict=strict), tfds_dir, f"mimic file {name}")
+      outcome = _load(fake_data.dir_config("mimic_cxr", root, strict=strict), tfds_dir, f"mimic file {name}")
       _expect_file_error(outcome, pattern, [path], f"mimic file {name}")
   # A garbage reports zip, and no extracted report.
   root = tree("bad_zip")
@@ -668,7 +638,7 @@ def test_mimic_bad_files(tmp_path):
       if file.endswith(".txt"):
         os.remove(os.path.join(folder, file))
   _write(os.path.join(root, "mimic-cxr-reports.zip"), b"PK\x03\x04 not a zip")
-  outcome = _load(_mimic_config(root), tfds_dir, "mimic file bad zip")
+  outcome = _load(fake_data.dir_config("mimic_cxr", root), tfds_dir, "mimic file bad zip")
   _expect_file_error(outcome, r"is not a readable zip file", [os.path.join(root, "mimic-cxr-reports.zip")],
                      "mimic file bad zip")
   # CSVs with a BOM (and CRLF) are fine.
@@ -678,7 +648,7 @@ def test_mimic_bad_files(tmp_path):
     with open(path, "rb") as f:
       content = f.read()
     _write(path, b"\xef\xbb\xbf" + content.replace(b"\n", b"\r\n"))
-  dataset = _load(_mimic_config(root, strict=True), tfds_dir, "mimic bom")
+  dataset = _load(fake_data.dir_config("mimic_cxr", root, strict=True), tfds_dir, "mimic bom")
   assert isinstance(dataset, datasets.Dataset) and sum(len(s) for s in dataset.sources.values()) == 3
   TALLY["tried"] += 1
   TALLY["tried:mimic"] += 1
@@ -695,17 +665,6 @@ def _builder_or_skip(name):
   except ImportError as e:
     pytest.skip(f"builder {name} not importable: {e}")
   return module
-
-
-def _downstream_config(name, root, **data):
-  config = base_config()
-  config.data.name = name
-  config.data.dir = str(root)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  for key, value in data.items():
-    config.data[key] = value
-  return config
 
 
 def _chexpert_tree(root, rng, cases, good_valid=2, good_train=6):
@@ -768,26 +727,10 @@ def _mura_tree(root, rng, cases, good_valid=2, good_train=6):
   return root
 
 
-def _write_dicom(path, pixels):
-  from pydicom.dataset import FileDataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-  ds.Modality, ds.PatientID = "CR", "x"
-  ds.Rows, ds.Columns = pixels.shape
-  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-  ds.PixelData = pixels.tobytes()
-  ds.save_as(str(path), enforce_file_format=True)
-
-
 def _dicom_bytes(rng) -> bytes:
   path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fuzz_{os.getpid()}.dcm")
-  _write_dicom(path, _noise(rng))
+  # PatientID "x" keeps the file's length, which sets the seeded truncation points, as it was.
+  fake_data.write_dicom(path, _noise(rng), PatientID="x")
   with open(path, "rb") as f:
     data = f.read()
   os.remove(path)
@@ -809,16 +752,16 @@ def _rsna_tree(root, rng, cases, good=40):
   os.makedirs(images, exist_ok=True)
   rows = ["patientId,x,y,width,height,Target"]
   for k in range(good):
-    _write_dicom(os.path.join(images, f"good{k:03d}.dcm"), np.full((24, 20), 40 + k, np.uint8))
+    fake_data.write_dicom(os.path.join(images, f"good{k:03d}.dcm"), np.full((24, 20), 40 + k, np.uint8))
     rows.append(f"good{k:03d},,,,,{k % 2}")
   for n, case in enumerate(cases):
     patient = f"case{n:03d}"
     case.record_id = f"stage_2_train_images/{patient}.dcm"
     if case.kind == "label_outside_its_set":
-      _write_dicom(os.path.join(images, f"{patient}.dcm"), np.full((24, 20), 90, np.uint8))
+      fake_data.write_dicom(os.path.join(images, f"{patient}.dcm"), np.full((24, 20), 90, np.uint8))
       rows.append(f"{patient},,,,,{rng.choice(['2', 'maybe', '-1', '', 'nan'])}")
     elif case.kind == "rows_disagree":
-      _write_dicom(os.path.join(images, f"{patient}.dcm"), np.full((24, 20), 90, np.uint8))
+      fake_data.write_dicom(os.path.join(images, f"{patient}.dcm"), np.full((24, 20), 90, np.uint8))
       rows += [f"{patient},1,2,3,4,1", f"{patient},,,,,0"]
     else:
       case.expect, case.check = case.image(rng, os.path.join(images, f"{patient}.dcm"))
@@ -852,7 +795,7 @@ def test_downstream_bad_records(tmp_path, name):
     cases = _downstream_cases(rng, BAD_IMAGES + ODD_IMAGES[:3], 1, ["label_outside_its_set"] * 2)
   tfds_dir = str(tmp_path / "tfds")
   root = tree(str(tmp_path / "all"), rng, cases)
-  dataset = _load(_downstream_config(name, root), tfds_dir, f"{name} default")
+  dataset = _load(fake_data.dir_config(name, root), tfds_dir, f"{name} default")
   _expect_default(dataset, cases, f"{name} default")
 
   for i, case in enumerate(cases):
@@ -860,7 +803,7 @@ def test_downstream_bad_records(tmp_path, name):
       continue
     single = dataclasses.replace(case)
     root = tree(str(tmp_path / f"strict_{i:03d}"), rng, [single], **({"good": 3} if name == "rsna" else {}))
-    outcome = _load(_downstream_config(name, root, strict=True), tfds_dir, f"{name} strict {case.kind}")
+    outcome = _load(fake_data.dir_config(name, root, strict=True), tfds_dir, f"{name} strict {case.kind}")
     _expect_strict_error(outcome, [single.record_id, "line", single.expect], f"{name} strict {case.kind}")
   assert not CRASHES, CRASHES
 
@@ -874,7 +817,7 @@ def test_mura_list_with_bytes_that_are_not_utf8(tmp_path):
     content = f.read()
   _write(path, content.replace(b"patient", b"pati\xffent", 1))
   with pytest.raises(DataError, match=r"valid_labeled_studies.csv line \d+: bytes that are not UTF-8"):
-    datasets.load_dataset(_downstream_config("mura", root), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("mura", root), str(tmp_path / "tfds"))
 
 
 # --- The tally -----------------------------------------------------------------------------------------

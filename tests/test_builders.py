@@ -3,6 +3,7 @@
 Every dataset is built into tmp_path and read back through the TFDS data source, without TensorFlow.
 """
 import csv
+import functools
 import gzip
 import io
 import os
@@ -24,37 +25,9 @@ from convirt_jax.data.builders import common
 from convirt_jax.data.builders import csv_pairs
 from convirt_jax.data.builders import synthetic as synthetic_builder
 from convirt_jax.errors import DataError
+import fake_data  # shared fake data of the builders' tests
 
 tfds.disable_progress_bar()
-
-SIZE = 16  # stored_size of the real-image datasets here
-
-
-def _records(source) -> list[dict]:
-  return [datasets.decode_record(source[i]) for i in range(len(source))]
-
-
-def _by_id(dataset: datasets.Dataset) -> dict[str, dict]:
-  return {r["id"]: r for source in dataset.sources.values() for r in _records(source)}
-
-
-def _write_csv(path, header, rows):
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
-
-
-def _csv_config(csv_path, **data):
-  config = base_config()
-  config.data.name = "csv"
-  config.data.csv = str(csv_path)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  for key, value in data.items():
-    config.data[key] = value
-  return config
-
 
 # --- Images ---------------------------------------------------------------------------------------
 
@@ -115,12 +88,13 @@ def test_synthetic_builds_and_reads_back_what_the_generator_made(tmp_path):
   path = datasets.prepared_dir(_synthetic_config(), str(tmp_path))
   name, config_name, version = path.split(os.sep)[-3:]
   by_name = tfds.data_source(f"{name}/{config_name}:{version}", data_dir=str(tmp_path), split="test")
-  assert [r["report"] for r in _records(by_name)] == [r["report"] for r in _records(dataset.sources["test"])]
+  assert ([r["report"] for r in fake_data.records(by_name)]
+          == [r["report"] for r in fake_data.records(dataset.sources["test"])])
   raw = dataset.sources["train"][3]
   assert isinstance(raw["text"], bytes) and isinstance(raw["id"], bytes)
   assert raw["image"].shape == (32, 32, 1) and raw["image"].dtype == np.uint8
   for split in ("train", "test"):
-    for index, record in enumerate(_records(dataset.sources[split])):
+    for index, record in enumerate(fake_data.records(dataset.sources[split])):
       study = synthetic_cxr.generate_study(0, split, index, 32)
       assert record["id"] == f"synthetic/{split}/{index}"
       np.testing.assert_array_equal(record["image"], study["image"])  # PNG: lossless
@@ -128,7 +102,7 @@ def test_synthetic_builds_and_reads_back_what_the_generator_made(tmp_path):
       assert record["report"] == study["report"]
       assert record["text"] == "\n".join(radiology_reports.report_sentences(study["report"]))
   for split, per_category in (("retrieval_candidates", 2), ("retrieval_queries", 1)):
-    labels = np.stack([r["labels"] for r in _records(dataset.sources[split])])
+    labels = np.stack([r["labels"] for r in fake_data.records(dataset.sources[split])])
     np.testing.assert_array_equal(labels.sum(axis=1), 1.0)  # exactly one positive
     np.testing.assert_array_equal(labels.argmax(axis=1), np.arange(len(labels)) // per_category)
 
@@ -153,7 +127,8 @@ def test_synthetic_config_name_changes_with_every_parameter(tmp_path, monkeypatc
   # A second load reuses the build: the builder is not even constructed.
   monkeypatch.setattr(datasets, "make_builder", lambda *a, **k: pytest.fail("rebuilt an existing dataset"))
   again = datasets.load_dataset(config, str(tmp_path))
-  assert [r["id"] for r in _records(again.sources["train"])] == [f"synthetic/train/{i}" for i in range(3)]
+  assert ([r["id"] for r in fake_data.records(again.sources["train"])]
+          == [f"synthetic/train/{i}" for i in range(3)])
   other = datasets.prepared_dir(_synthetic_config(num_train=4), str(tmp_path))
   assert other != datasets.prepared_dir(config, str(tmp_path)) and not os.path.exists(other)
 
@@ -161,36 +136,32 @@ def test_synthetic_config_name_changes_with_every_parameter(tmp_path, monkeypatc
 # --- CSV of pairs ---------------------------------------------------------------------------------
 
 
-def _save(path, array, **kwargs):
-  Image.fromarray(array).save(path, **kwargs)
-  return os.path.basename(path)
-
-
 def test_csv_reads_every_image_kind_to_gray_shorter_side(tmp_path):
   rows = []
   # (file, expected grey level of a constant image, height, width)
   cases = [
-      (_save(tmp_path / "gray.png", np.full((20, 30), 90, np.uint8)), 90, 16, 24),
-      (_save(tmp_path / "rgb.jpg", np.full((40, 20, 3), (200, 100, 50), np.uint8), quality=100),
+      (fake_data.save_image(tmp_path / "gray.png", np.full((20, 30), 90, np.uint8)), 90, 16, 24),
+      (fake_data.save_image(tmp_path / "rgb.jpg", np.full((40, 20, 3), (200, 100, 50), np.uint8),
+                            quality=100),
        round(0.299 * 200 + 0.587 * 100 + 0.114 * 50), 32, 16),
-      (_save(tmp_path / "rgba.png", np.full((8, 8, 4), (10, 200, 30, 0), np.uint8)),
+      (fake_data.save_image(tmp_path / "rgba.png", np.full((8, 8, 4), (10, 200, 30, 0), np.uint8)),
        round(0.299 * 10 + 0.587 * 200 + 0.114 * 30), 16, 16),
-      (_save(tmp_path / "gray.jpg", np.full((64, 48), 170, np.uint8)), 170, 21, 16),
+      (fake_data.save_image(tmp_path / "gray.jpg", np.full((64, 48), 170, np.uint8)), 170, 21, 16),
   ]
   ramp16 = np.tile(np.linspace(300, 4000, 64).astype(np.uint16), (32, 1))
-  _save(tmp_path / "ramp16.png", ramp16)
+  fake_data.save_image(tmp_path / "ramp16.png", ramp16)
   palette = Image.fromarray(np.full((16, 16, 3), (0, 0, 255), np.uint8)).convert("P")
   palette.save(tmp_path / "palette.png")
   cases.append(("palette.png", round(0.114 * 255), 16, 16))
   for file, *_ in cases:
     rows.append((file, f"The {file} image shows clear lungs.", "train", "1", ""))
   rows.append(("ramp16.png", "A sixteen bit ramp image here.", "validation", "-1", "0"))
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "edema", "effusion"], rows)
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "edema", "effusion"], rows)
 
-  dataset = datasets.load_dataset(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "effusion")),
-                                  str(tmp_path / "tfds"))
+  config = fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("edema", "effusion"))
+  dataset = datasets.load_dataset(config, str(tmp_path / "tfds"))
   assert dataset.label_names == ["edema", "effusion"] and dataset.task == "multilabel"
-  records = _by_id(dataset)
+  records = fake_data.by_id(dataset)
   for file, level, height, width in cases:
     image = records[file]["image"]
     assert image.dtype == np.uint8 and image.shape == (height, width), file
@@ -205,14 +176,14 @@ def test_csv_reads_every_image_kind_to_gray_shorter_side(tmp_path):
 
 
 def test_csv_text_is_findings_and_impression_or_all_sentences(tmp_path):
-  _save(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+  fake_data.save_image(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
   headed = ("INDICATION: Cough for two weeks.\nFINDINGS: The lungs are clear. Heart size is normal.\n"
             "IMPRESSION: No acute cardiopulmonary process.")
   plain = "Small left pleural effusion. Mild cardiomegaly is present."
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split"], [("a.png", headed, "train"),
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split"], [("a.png", headed, "train"),
                                                                    ("a.png", plain, "test")])
-  dataset = datasets.load_dataset(_csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
-  (train,), (test,) = _records(dataset.sources["train"]), _records(dataset.sources["test"])
+  dataset = datasets.load_dataset(fake_data.csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
+  (train,), (test,) = fake_data.records(dataset.sources["train"]), fake_data.records(dataset.sources["test"])
   assert train["text"] == ("The lungs are clear.\nHeart size is normal.\nNo acute cardiopulmonary process.")
   assert train["report"] == headed
   assert test["text"] == "Small left pleural effusion.\nMild cardiomegaly is present."
@@ -235,14 +206,14 @@ def test_csv_group_split_keeps_groups_together_and_is_deterministic(tmp_path):
   for group in range(30):
     for view in range(3):
       name = f"g{group}_{view}.png"
-      _save(tmp_path / name, np.full((8, 8), group, np.uint8))
+      fake_data.save_image(tmp_path / name, np.full((8, 8), group, np.uint8))
       rows.append((name, f"Report of patient {group} view {view}.", f"patient-{group}"))
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "group"], rows)
-  _write_csv(tmp_path / "shuffled.csv", ["image", "text", "group"], rows[::-1])
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "group"], rows)
+  fake_data.write_csv(tmp_path / "shuffled.csv", ["image", "text", "group"], rows[::-1])
 
   def membership(csv_name):
-    dataset = datasets.load_dataset(_csv_config(tmp_path / csv_name), str(tmp_path / "tfds"))
-    return {r["id"]: split for split, source in dataset.sources.items() for r in _records(source)}
+    dataset = datasets.load_dataset(fake_data.csv_config(tmp_path / csv_name), str(tmp_path / "tfds"))
+    return {r["id"]: split for split, source in dataset.sources.items() for r in fake_data.records(source)}
 
   first, second = membership("pairs.csv"), membership("shuffled.csv")
   assert first == second and len(first) == 90
@@ -252,56 +223,61 @@ def test_csv_group_split_keeps_groups_together_and_is_deterministic(tmp_path):
 
 
 def test_csv_categorical_column_is_one_hot_multiclass(tmp_path):
-  _save(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+  fake_data.save_image(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
   views = ["PA", "AP", "LATERAL", "AP", ""]
   rows = [("a.png", f"Study number {i} is unremarkable.", "train", view) for i, view in enumerate(views)]
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "view"], rows)
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "view"], rows)
   # Classes of 1 or 2 rows: "auto" does not guess, the task must be confirmed.
   with pytest.raises(DataError, match=r"'view' was inferred to be categorical .* 'AP' \(2 rows: lines 3, "
                                       r"5\), 'LATERAL' \(1 row: line 4\), 'PA' \(1 row: line 2\).*"
                                       r"task='multiclass'"):
-    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("view",)),
+    datasets.make_builder(fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("view",)),
                           str(tmp_path / "tfds"))
   dataset = datasets.load_dataset(
-      _csv_config(tmp_path / "pairs.csv", label_columns=("view",), task="multiclass"), str(tmp_path / "tfds"))
+      fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("view",), task="multiclass"),
+      str(tmp_path / "tfds"))
   assert dataset.label_names == ["AP", "LATERAL", "PA"] and dataset.task == "multiclass"
-  labels = np.stack([r["labels"] for r in _records(dataset.sources["train"])])
+  labels = np.stack([r["labels"] for r in fake_data.records(dataset.sources["train"])])
   np.testing.assert_array_equal(labels, [[0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 0, 0]])
   assert dataset.info.metadata["skipped"]["train"] == {common.MISSING_LABEL: 1}
 
 
 def test_csv_label_column_errors(tmp_path):
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "edema", "view"],
-             [("a.png", "Lungs are clear today.", "1", "PA"), ("b.png", "Lungs are clear today.", "0", "2")])
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "edema", "view"],
+                      [("a.png", "Lungs are clear today.", "1", "PA"),
+                       ("b.png", "Lungs are clear today.", "0", "2")])
   with pytest.raises(DataError, match=r"label column 'view' is binary but for '2' \(1 row: line 3\), 'PA' "
                                       r"\(1 row: line 2\).*"
                                       r"task='multilabel'"):
-    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view")), str(tmp_path))
+    datasets.make_builder(fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view")),
+                          str(tmp_path))
   with pytest.raises(DataError, match=r"needs exactly one label column"):
-    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view"),
-                                      task="multiclass"), str(tmp_path))
+    datasets.make_builder(fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("edema", "view"),
+                                               task="multiclass"), str(tmp_path))
   many = [(f"{i}.png", "Lungs are clear today.", "1", "PA" if i % 2 else "1") for i in range(10)]
-  _write_csv(tmp_path / "many.csv", ["image", "text", "edema", "view"], many)
+  fake_data.write_csv(tmp_path / "many.csv", ["image", "text", "edema", "view"], many)
   with pytest.raises(DataError, match=r"line 3: label column 'view' has value 'PA'; with several"):
-    datasets.make_builder(_csv_config(tmp_path / "many.csv", label_columns=("edema", "view")), str(tmp_path))
+    datasets.make_builder(fake_data.csv_config(tmp_path / "many.csv", label_columns=("edema", "view")),
+                          str(tmp_path))
   with pytest.raises(DataError, match=r"pairs.csv: missing required column 'effusion'"):
-    datasets.make_builder(_csv_config(tmp_path / "pairs.csv", label_columns=("edema", "effusion")),
+    datasets.make_builder(fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("edema", "effusion")),
                           str(tmp_path))
 
 
 @pytest.mark.parametrize("header, missing", [(["image", "report"], "text"), (["path", "text"], "image")])
 def test_csv_missing_required_column_stops_before_reading_images(tmp_path, header, missing):
-  _write_csv(tmp_path / "pairs.csv", header, [("nowhere.png", "Lungs are clear today.")])
+  fake_data.write_csv(tmp_path / "pairs.csv", header, [("nowhere.png", "Lungs are clear today.")])
   with pytest.raises(DataError, match=rf"pairs.csv: missing required column '{missing}'"):
-    datasets.load_dataset(_csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
 
 
 def test_csv_bad_split_value_names_the_line(tmp_path):
-  _save(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split"],
-             [("a.png", "Lungs are clear today.", "train"), ("a.png", "Lungs are clear today.", "holdout")])
+  fake_data.save_image(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split"],
+                      [("a.png", "Lungs are clear today.", "train"),
+                       ("a.png", "Lungs are clear today.", "holdout")])
   with pytest.raises(DataError, match=r"line 3: split='holdout'"):
-    datasets.load_dataset(_csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
 
 
 GOOD_ROW = ("good.png", "FINDINGS: Lungs are clear. IMPRESSION: No acute process seen.", "train")
@@ -315,16 +291,17 @@ BAD_ROWS = {
 
 
 def _bad_input_csv(tmp_path, rows):
-  _save(tmp_path / "good.png", np.zeros((16, 16), np.uint8))
+  fake_data.save_image(tmp_path / "good.png", np.zeros((16, 16), np.uint8))
   (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
   (tmp_path / "truncated.jpg").write_bytes(common.encode(np.zeros((64, 64), np.uint8), "JPEG")[:200])
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split"], rows)
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split"], rows)
   return tmp_path / "pairs.csv"
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path, capsys):
   rows = [GOOD_ROW, *BAD_ROWS.values(), ("good.png", "Mild cardiomegaly is present.", "test")]
-  dataset = datasets.load_dataset(_csv_config(_bad_input_csv(tmp_path, rows)), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.csv_config(_bad_input_csv(tmp_path, rows)),
+                                  str(tmp_path / "tfds"))
   assert {k: len(v) for k, v in dataset.sources.items()} == {"train": 1, "test": 1}
   expected = {common.CORRUPT_IMAGE: 2, common.MISSING_IMAGE: 1, common.EMPTY_REPORT: 1, common.NO_FINDINGS: 1}
   assert dataset.info.metadata["skipped"] == {"train": expected, "test": {}}
@@ -341,14 +318,14 @@ def test_strict_stops_at_the_bad_record_naming_it(tmp_path, reason, file):
   csv_path = _bad_input_csv(tmp_path, [GOOD_ROW, BAD_ROWS[reason]])
   reason = common.CORRUPT_IMAGE if reason == "truncated" else reason
   with pytest.raises(DataError, match=rf"{reason} in record .*pairs.csv line 3 \({file}\)"):
-    datasets.load_dataset(_csv_config(csv_path, strict=True), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.csv_config(csv_path, strict=True), str(tmp_path / "tfds"))
 
 
 def test_a_split_left_empty_is_an_error(tmp_path):
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split"],
-             [("missing.png", "Lungs are clear today.", "train")])
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split"],
+                      [("missing.png", "Lungs are clear today.", "train")])
   with pytest.raises(DataError, match="convirt_csv_pairs train: no usable record"):
-    datasets.load_dataset(_csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.csv_config(tmp_path / "pairs.csv"), str(tmp_path / "tfds"))
 
 
 def test_csv_split_without_split_column_is_stratified_by_label_within_groups(tmp_path):
@@ -358,15 +335,15 @@ def test_csv_split_without_split_column_is_stratified_by_label_within_groups(tmp
   for patient in range(40):
     for view in range(2):
       name = f"p{patient}_{view}.png"
-      _save(tmp_path / name, np.full((8, 8), patient, np.uint8))
+      fake_data.save_image(tmp_path / name, np.full((8, 8), patient, np.uint8))
       labels = [patient % 2, patient in (5, 17, 33), patient in (8, 21), patient == 12]
       rows.append((name, f"Patient {patient} view {view} report.", f"patient-{patient}",
                    *(str(int(v)) for v in labels)))
   names = ["common", "rare", "pair", "single"]
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "group", *names], rows)
-  dataset = datasets.load_dataset(_csv_config(tmp_path / "pairs.csv", label_columns=tuple(names)),
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "group", *names], rows)
+  dataset = datasets.load_dataset(fake_data.csv_config(tmp_path / "pairs.csv", label_columns=tuple(names)),
                                   str(tmp_path / "tfds"))
-  records = {split: _records(source) for split, source in dataset.sources.items()}
+  records = {split: fake_data.records(source) for split, source in dataset.sources.items()}
   assert set(records) == set(common.SPLITS) and sum(map(len, records.values())) == 80
   split_of = {r["id"]: split for split, rs in records.items() for r in rs}
   for patient in range(40):
@@ -392,7 +369,7 @@ def test_csv_split_without_split_column_is_stratified_by_label_within_groups(tmp
 
 def test_unscorable_labels_counts_the_records_when_the_metadata_has_no_counts(tmp_path):
   dataset = datasets.load_dataset(_synthetic_config(num_test=3), str(tmp_path))  # synthetic: no label_counts
-  labels = np.stack([r["labels"] for r in _records(dataset.sources["test"])])
+  labels = np.stack([r["labels"] for r in fake_data.records(dataset.sources["test"])])
   expected = {name for j, name in enumerate(dataset.label_names)
               if labels[:, j].all() or not labels[:, j].any()}
   assert set(datasets.unscorable_labels(dataset, ("test",))) == expected
@@ -405,10 +382,11 @@ def test_strict_load_refuses_a_dataset_built_without_strict_that_skipped_records
                                        BAD_ROWS[common.MISSING_IMAGE],
                                        ("good.png", "Mild cardiomegaly is present.", "test")])
   tfds_dir = str(tmp_path / "tfds")
-  datasets.load_dataset(_csv_config(csv_path), tfds_dir)
-  strict = _csv_config(csv_path, strict=True)
+  datasets.load_dataset(fake_data.csv_config(csv_path), tfds_dir)
+  strict = fake_data.csv_config(csv_path, strict=True)
   path = datasets.prepared_dir(strict, tfds_dir)
-  assert path == datasets.prepared_dir(_csv_config(csv_path), tfds_dir)  # strict does not name the directory
+  # strict does not name the directory
+  assert path == datasets.prepared_dir(fake_data.csv_config(csv_path), tfds_dir)
   with pytest.raises(DataError) as error:
     datasets.load_dataset(strict, tfds_dir, is_builder_process=False)  # every process refuses it
   message = str(error.value)
@@ -420,18 +398,18 @@ def test_strict_load_refuses_a_dataset_built_without_strict_that_skipped_records
   with pytest.raises(DataError, match=r"corrupt_image in record .*pairs.csv line 3"):
     datasets.load_dataset(strict, tfds_dir)
   assert not os.path.exists(path)
-  _write_csv(tmp_path / "clean.csv", ["image", "text", "split"], [GOOD_ROW])
-  datasets.load_dataset(_csv_config(tmp_path / "clean.csv"), tfds_dir)
-  clean = datasets.load_dataset(_csv_config(tmp_path / "clean.csv", strict=True), tfds_dir)
+  fake_data.write_csv(tmp_path / "clean.csv", ["image", "text", "split"], [GOOD_ROW])
+  datasets.load_dataset(fake_data.csv_config(tmp_path / "clean.csv"), tfds_dir)
+  clean = datasets.load_dataset(fake_data.csv_config(tmp_path / "clean.csv", strict=True), tfds_dir)
   assert len(clean.sources["train"]) == 1
 
 
 def test_csv_stray_label_value_stops_auto_and_is_a_bad_label_once_binary_is_confirmed(tmp_path):
-  _save(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+  fake_data.save_image(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
   values = ["1", "0"] * 10 + ["maybe", "nan", "", "NA", "2"]
   rows = [("a.png", f"Report number {i} shows clear lungs.", "train", v) for i, v in enumerate(values)]
-  _write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "edema"], rows)
-  config = lambda **data: _csv_config(tmp_path / "pairs.csv", label_columns=("edema",), **data)
+  fake_data.write_csv(tmp_path / "pairs.csv", ["image", "text", "split", "edema"], rows)
+  config = lambda **data: fake_data.csv_config(tmp_path / "pairs.csv", label_columns=("edema",), **data)
   tfds_dir = str(tmp_path / "tfds")
   with pytest.raises(DataError, match=r"pairs.csv: label column 'edema' was inferred to be categorical "
                                       r"\(task 'multiclass', one class per value\) from its values '0' \(10 "
@@ -445,7 +423,7 @@ def test_csv_stray_label_value_stops_auto_and_is_a_bad_label_once_binary_is_conf
   binary = datasets.load_dataset(config(task="binary"), tfds_dir)
   assert binary.task == "multilabel" and binary.label_names == ["edema"]
   assert binary.info.metadata["skipped"]["train"] == {common.BAD_LABEL: 2}
-  labels = [r["labels"][0] for r in _records(binary.sources["train"])]
+  labels = [r["labels"][0] for r in fake_data.records(binary.sources["train"])]
   assert labels[:20] == [1.0, 0.0] * 10 and len(labels) == 23
   assert np.isnan(labels[20:]).all()  # nan, "", NA: not mentioned
   assert binary.info.metadata["label_counts"]["train"]["edema"] == {
@@ -454,9 +432,11 @@ def test_csv_stray_label_value_stops_auto_and_is_a_bad_label_once_binary_is_conf
   assert multiclass.label_names == ["0", "1", "2", "maybe"] and multiclass.task == "multiclass"
   assert multiclass.info.metadata["skipped"]["train"] == {common.MISSING_LABEL: 3}
   # A value that is not rare makes a categorical label without asking.
-  _write_csv(tmp_path / "views.csv", ["image", "text", "split", "edema"],
-             [(f"{i}.png", "Lungs are clear.", "train", v) for i, v in enumerate(["1", "0", "maybe"] * 4)])
-  builder = datasets.make_builder(_csv_config(tmp_path / "views.csv", label_columns=("edema",)), tfds_dir)
+  fake_data.write_csv(tmp_path / "views.csv", ["image", "text", "split", "edema"],
+                      [(f"{i}.png", "Lungs are clear.", "train", v)
+                       for i, v in enumerate(["1", "0", "maybe"] * 4)])
+  builder = datasets.make_builder(fake_data.csv_config(tmp_path / "views.csv", label_columns=("edema",)),
+                                  tfds_dir)
   assert builder.info.metadata["task"] == "multiclass" and builder.info.metadata["label_names"] == [
       "0", "1", "maybe"]
 
@@ -584,15 +564,7 @@ def _fake_mimic(root, *, reports_as="txt", gz=False, chexpert=True):
   return root
 
 
-def _mimic_config(root, **data):
-  config = base_config()
-  config.data.name = "mimic_cxr"
-  config.data.dir = str(root)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  for key, value in data.items():
-    config.data[key] = value
-  return config
+_mimic_config = functools.partial(fake_data.dir_config, "mimic_cxr")
 
 
 def _expected_labels(study):
@@ -604,11 +576,11 @@ def test_mimic_builds_one_record_per_frontal_image_with_its_report_and_chexpert_
   root = _fake_mimic(tmp_path / "mimic")
   dataset = datasets.load_dataset(_mimic_config(root), str(tmp_path / "tfds"))
   assert dataset.label_names == CHEXPERT and dataset.task == "multilabel"
-  ids = {split: [r["id"] for r in _records(source)] for split, source in dataset.sources.items()}
+  ids = {split: [r["id"] for r in fake_data.records(source)] for split, source in dataset.sources.items()}
   assert ids == {"train": ["p10/p10000032/s50000001/d01-pa.jpg", "p10/p10000032/s50000002/d03-ap.jpg"],
                  "validation": ["p11/p11000011/s50000003/d04-pa.jpg"],
                  "test": ["p12/p12000012/s50000004/d05-pa.jpg"]}
-  records = _by_id(dataset)
+  records = fake_data.by_id(dataset)
   for record_id, record in records.items():
     study = record_id.split("/")[2][1:]
     assert record["report"] == MIMIC_REPORTS[study]
@@ -634,7 +606,7 @@ def test_mimic_reports_zip_and_gzipped_csvs_give_the_same_dataset(tmp_path):
   from_txt = datasets.load_dataset(_mimic_config(_fake_mimic(tmp_path / "a")), str(tmp_path / "tfds"))
   from_zip = datasets.load_dataset(_mimic_config(_fake_mimic(tmp_path / "b", reports_as="zip", gz=True)),
                                    str(tmp_path / "tfds"))
-  a, b = _by_id(from_txt), _by_id(from_zip)
+  a, b = fake_data.by_id(from_txt), fake_data.by_id(from_zip)
   assert sorted(a) == sorted(b) and len(a) == 4
   for record_id in a:
     for key in ("text", "report"):
@@ -646,7 +618,7 @@ def test_mimic_reports_zip_and_gzipped_csvs_give_the_same_dataset(tmp_path):
 def test_mimic_all_views_and_no_chexpert_file(tmp_path):
   root = _fake_mimic(tmp_path / "mimic", chexpert=False)
   dataset = datasets.load_dataset(_mimic_config(root, frontal_only=False), str(tmp_path / "tfds"))
-  assert "p10/p10000032/s50000001/d02-lat.jpg" in _by_id(dataset)
+  assert "p10/p10000032/s50000001/d02-lat.jpg" in fake_data.by_id(dataset)
   assert dataset.label_names == [] and dataset.sources["train"][0]["labels"].shape == (0,)
 
 
@@ -687,7 +659,7 @@ def test_mimic_bad_chexpert_value_is_a_bad_label_or_names_the_line(tmp_path):
     datasets.load_dataset(_mimic_config(root, strict=True), str(tmp_path / "tfds"))
   dataset = datasets.load_dataset(_mimic_config(root), str(tmp_path / "tfds"))
   assert dataset.info.metadata["skipped"]["train"][common.BAD_LABEL] == 1
-  labels = _by_id(dataset)["p10/p10000032/s50000002/d03-ap.jpg"]["labels"]
+  labels = fake_data.by_id(dataset)["p10/p10000032/s50000002/d03-ap.jpg"]["labels"]
   assert np.isnan(labels[CHEXPERT.index("Pneumothorax")])  # "NaN" written out: not mentioned
 
 
@@ -708,8 +680,8 @@ def test_non_builder_process_waits_for_the_build(tmp_path):
   assert waiter.is_alive()  # nothing built yet
   built = datasets.load_dataset(config, str(tmp_path))
   waiter.join(timeout=60)
-  assert [r["id"] for r in _records(waiting["dataset"].sources["train"])] == [
-      r["id"] for r in _records(built.sources["train"])]
+  assert [r["id"] for r in fake_data.records(waiting["dataset"].sources["train"])] == [
+      r["id"] for r in fake_data.records(built.sources["train"])]
 
 
 def test_unknown_dataset_name(tmp_path):

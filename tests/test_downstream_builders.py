@@ -3,7 +3,6 @@
 Each fake tree has the layout of the data set's own download. Every dataset is built end to end through
 `datasets.load_dataset` into tmp_path and read back through the TFDS data source, without TensorFlow.
 """
-import csv
 import logging
 import os
 import random
@@ -12,8 +11,7 @@ import shutil
 import numpy as np
 from PIL import Image
 import pydicom
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
 import pytest
 import tensorflow_datasets as tfds
 
@@ -25,43 +23,19 @@ from convirt_jax.data.builders import common
 from convirt_jax.data.builders import dicom
 from convirt_jax.data.builders import mura
 from convirt_jax.errors import ConfigError, DataError
+import fake_data  # shared fake data of the builders' tests
 
 tfds.disable_progress_bar()
 
-SIZE = 16          # stored_size here
 HEIGHT, WIDTH = 24, 20  # every fake image; stored at 19 x 16
 
 
-def _config(name, root, **data):
-  config = config_lib.base_config()
-  config.data.name = name
-  config.data.dir = str(root)
-  config.data.stored_size = SIZE
-  config.data.build_threads = 2
-  for key, value in data.items():
-    config.data[key] = value
-  return config
-
-
-def _records(source) -> list[dict]:
-  return [datasets.decode_record(source[i]) for i in range(len(source))]
-
-
 def _by_split(dataset) -> dict[str, list[dict]]:
-  return {split: _records(source) for split, source in dataset.sources.items()}
-
-
-def _skipped(dataset) -> dict[str, int]:
-  """Skipped records per reason, over all splits."""
-  total = {}
-  for counts in dataset.info.metadata["skipped"].values():
-    for reason, n in counts.items():
-      total[reason] = total.get(reason, 0) + n
-  return total
+  return {split: fake_data.records(source) for split, source in dataset.sources.items()}
 
 
 def _resized(gray: np.ndarray) -> np.ndarray:
-  return np.asarray(common.resize_shorter_side(Image.fromarray(gray), SIZE), np.float64)
+  return np.asarray(common.resize_shorter_side(Image.fromarray(gray), fake_data.SIZE), np.float64)
 
 
 def _ramp(dtype=np.uint8, hi=255) -> np.ndarray:
@@ -69,42 +43,7 @@ def _ramp(dtype=np.uint8, hi=255) -> np.ndarray:
   return np.tile(np.linspace(0, hi, WIDTH).round().astype(dtype), (HEIGHT, 1))
 
 
-def _save_png(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
-def _write_csv(path, rows, header=None):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    if header:
-      writer.writerow(header)
-    writer.writerows(rows)
-
-
 # --- DICOM ----------------------------------------------------------------------------------------
-
-
-def _write_dicom(path, pixels, *, photometric="MONOCHROME2", bits_stored=None, **elements):
-  """An uncompressed DICOM file of `pixels` (uint8 or uint16), written with pydicom."""
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-  ds.Modality, ds.PatientID = "CR", os.path.basename(str(path))[:-4]
-  ds.Rows, ds.Columns = pixels.shape
-  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-  bits = 8 if pixels.dtype == np.uint8 else 16
-  ds.BitsAllocated, ds.BitsStored = bits, bits_stored or bits
-  ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-  for key, value in elements.items():
-    setattr(ds, key, value)
-  ds.PixelData = pixels.tobytes()
-  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-  ds.save_as(str(path), enforce_file_format=True)
 
 
 def _hand_window(stored, slope, intercept, center, width):
@@ -116,29 +55,29 @@ def _hand_window(stored, slope, intercept, center, width):
 
 def test_dicom_monochrome1_is_inverted_and_8_bit_values_kept(tmp_path):
   pixels = np.arange(HEIGHT * WIDTH, dtype=np.uint8).reshape(HEIGHT, WIDTH)
-  _write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1")
-  _write_dicom(tmp_path / "m2.dcm", pixels)
+  fake_data.write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1")
+  fake_data.write_dicom(tmp_path / "m2.dcm", pixels)
   np.testing.assert_array_equal(dicom.read_gray8(str(tmp_path / "m1.dcm")), 255 - pixels)
   np.testing.assert_array_equal(dicom.read_gray8(str(tmp_path / "m2.dcm")), pixels)
 
 
 def test_dicom_16_bit_rescale_then_window_matches_the_hand_computation(tmp_path):
   stored = _ramp(np.uint16, 4095)  # 12 bits stored in 16
-  _write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1000,
-               WindowCenter=3000, WindowWidth=4001)
+  fake_data.write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1000,
+                        WindowCenter=3000, WindowWidth=4001)
   gray = dicom.read_gray8(str(tmp_path / "w.dcm"))
   expected = _hand_window(stored, 2, -1000, 3000, 4001)
   np.testing.assert_array_equal(gray, expected)
   assert gray.min() == 0 and gray.max() == 255 and 0 < np.median(gray) < 255  # saturated at both ends
   # The same with MONOCHROME1: windowed, then inverted.
-  _write_dicom(tmp_path / "w1.dcm", stored, photometric="MONOCHROME1", bits_stored=12, RescaleSlope=2,
-               RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=4001)
+  fake_data.write_dicom(tmp_path / "w1.dcm", stored, photometric="MONOCHROME1", bits_stored=12,
+                        RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=4001)
   np.testing.assert_array_equal(dicom.read_gray8(str(tmp_path / "w1.dcm")), 255 - expected)
 
 
 def test_dicom_16_bit_without_window_is_stretched_and_voi_lut_is_applied(tmp_path):
   stored = _ramp(np.uint16, 3000) + 1000
-  _write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12)
+  fake_data.write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12)
   np.testing.assert_array_equal(dicom.read_gray8(str(tmp_path / "plain.dcm")),
                                 np.rint((stored - 1000.0) * 255.0 / 3000.0).astype(np.uint8))
   # A VOI LUT (preferred over the window also present): entries 0..1023 map stored 0..4095 by 4.
@@ -147,8 +86,8 @@ def test_dicom_16_bit_without_window_is_stretched_and_voi_lut_is_applied(tmp_pat
   item.LUTData = [v // 4 for v in range(4096)]
   item["LUTData"].VR = "US"
   stored = _ramp(np.uint16, 4095)
-  _write_dicom(tmp_path / "lut.dcm", stored, bits_stored=12, VOILUTSequence=pydicom.Sequence([item]),
-               WindowCenter=100, WindowWidth=10)
+  fake_data.write_dicom(tmp_path / "lut.dcm", stored, bits_stored=12, VOILUTSequence=pydicom.Sequence([item]),
+                        WindowCenter=100, WindowWidth=10)
   expected = np.rint((stored // 4) * 255.0 / 1023.0).astype(np.uint8)
   np.testing.assert_array_equal(dicom.read_gray8(str(tmp_path / "lut.dcm")), expected)
 
@@ -233,14 +172,14 @@ def _fake_rsna(root, num_patients=40, bad=tuple(RSNA_BAD)):
       kind = "plain"
     target = i % 2 if i > 5 else 1
     if kind == "monochrome1":
-      _write_dicom(images / f"{patient}.dcm", _ramp(), photometric="MONOCHROME1")
+      fake_data.write_dicom(images / f"{patient}.dcm", _ramp(), photometric="MONOCHROME1")
     elif kind == "window16":
-      _write_dicom(images / f"{patient}.dcm", _ramp(np.uint16, 4095), bits_stored=12, RescaleSlope=2,
-                   RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=4001)
+      fake_data.write_dicom(images / f"{patient}.dcm", _ramp(np.uint16, 4095), bits_stored=12, RescaleSlope=2,
+                            RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=4001)
     elif kind == "corrupt":
       (images / f"{patient}.dcm").write_bytes(b"not a dicom file")
     elif kind != "missing":
-      _write_dicom(images / f"{patient}.dcm", _ramp())
+      fake_data.write_dicom(images / f"{patient}.dcm", _ramp())
     if kind == "disagree":
       rows += [(patient, 10, 20, 30, 40, 1), (patient, "", "", "", "", 0)]
     elif kind == "target2":
@@ -249,7 +188,8 @@ def _fake_rsna(root, num_patients=40, bad=tuple(RSNA_BAD)):
       rows += [(patient, 264, 152, 213, 379, 1), (patient, 562, 152, 256, 453, 1)]
     else:
       rows.append((patient, "", "", "", "", 0))
-  _write_csv(root / "stage_2_train_labels.csv", rows, ["patientId", "x", "y", "width", "height", "Target"])
+  fake_data.write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"],
+                      rows)
   return root
 
 
@@ -263,13 +203,14 @@ def _patient_splits(dataset, patient_of) -> dict[str, str]:
 
 def test_rsna_builds_binary_labels_from_dicoms_with_bad_records_counted(tmp_path, capsys):
   root = _fake_rsna(tmp_path / "rsna")
-  dataset = datasets.load_dataset(_config("rsna", root), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.dir_config("rsna", root), str(tmp_path / "tfds"))
   assert dataset.label_names == ["Pneumonia"] and dataset.task == "multilabel"
   splits = _by_split(dataset)
   # 38 patients with a usable label: test round(38 * 3000 / 29684) = 4, validation 2 (one image each); the
   # 4 bad records are skipped from the splits their patients fell in (seed 0: 3 in train, 1 in test).
   assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 2, "test": 4}
-  assert _skipped(dataset) == {common.MISSING_IMAGE: 1, common.CORRUPT_IMAGE: 1, classification.BAD_LABEL: 2}
+  assert fake_data.skipped(dataset) == {common.MISSING_IMAGE: 1, common.CORRUPT_IMAGE: 1,
+                                        classification.BAD_LABEL: 2}
   assert "convirt_rsna_pneumonia train: wrote 30 records, skipped 3" in capsys.readouterr().out
   records = {r["id"]: r for rs in splits.values() for r in rs}
   for i in range(6, 40):
@@ -286,7 +227,7 @@ def test_rsna_builds_binary_labels_from_dicoms_with_bad_records_counted(tmp_path
   assert np.abs(windowed - expected).mean() < 2
   _patient_splits(dataset, lambda record_id: record_id)  # one image per patient: ids are patients
   # Deterministic: the same seed elsewhere gives the same splits.
-  again = datasets.load_dataset(_config("rsna", root), str(tmp_path / "tfds2"))
+  again = datasets.load_dataset(fake_data.dir_config("rsna", root), str(tmp_path / "tfds2"))
   assert {s: [r["id"] for r in rs] for s, rs in _by_split(again).items()} == {
       s: [r["id"] for r in rs] for s, rs in splits.items()}
 
@@ -301,7 +242,7 @@ def test_rsna_strict_names_the_file_and_line(tmp_path, bad, reason, patient, lin
   root = _fake_rsna(tmp_path / "rsna", num_patients=12, bad=(bad,))
   with pytest.raises(DataError, match=rf"{reason} in record stage_2_train_labels.csv line {line} "
                      rf"\(stage_2_train_images/{patient}.dcm\)"):
-    datasets.load_dataset(_config("rsna", root, strict=True), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("rsna", root, strict=True), str(tmp_path / "tfds"))
 
 
 # --- CheXpert -------------------------------------------------------------------------------------
@@ -350,7 +291,8 @@ def _fake_chexpert(root, folder="CheXpert-v1.0-small", num_patients=30, drop_col
   header = [c for c in CHEXPERT_COLUMNS if c != drop_column]
   for split in rows:
     keep = [i for i, c in enumerate(CHEXPERT_COLUMNS) if c != drop_column]
-    _write_csv(download / f"{split}.csv", [[r[i] for i in keep if i < len(r)] for r in rows[split]], header)
+    fake_data.write_csv(download / f"{split}.csv", header,
+                        [[r[i] for i in keep if i < len(r)] for r in rows[split]])
   return root
 
 
@@ -360,7 +302,7 @@ def _chexpert_patient(record_id):
 
 def test_chexpert_frontal_five_labels_uncertain_as_zeros_and_valid_as_test(tmp_path):
   root = _fake_chexpert(tmp_path / "chexpert")
-  dataset = datasets.load_dataset(_config("chexpert", root), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.dir_config("chexpert", root), str(tmp_path / "tfds"))
   assert dataset.label_names == list(chexpert.LABEL_NAMES) and dataset.task == "multilabel"
   assert dataset.info.metadata["uncertainty"] == "zeros" and dataset.info.metadata["frontal_only"]
   splits = _by_split(dataset)
@@ -371,7 +313,7 @@ def test_chexpert_frontal_five_labels_uncertain_as_zeros_and_valid_as_test(tmp_p
   # the patient of the bad label, which does not count); train keeps the rest and the short line.
   assert len(splits["validation"]) == 1 and len(splits["train"]) == 27
   assert all(r["id"].endswith("_frontal.jpg") for rs in splits.values() for r in rs)
-  assert _skipped(dataset) == {
+  assert fake_data.skipped(dataset) == {
       common.MISSING_IMAGE: 1, classification.BAD_LABEL: 1, classification.MALFORMED_ROW: 1}
   records = {r["id"]: r for rs in splits.values() for r in rs}
   p1 = records["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"]
@@ -385,8 +327,8 @@ def test_chexpert_frontal_five_labels_uncertain_as_zeros_and_valid_as_test(tmp_p
 def test_chexpert_all_views_uncertain_ignored_full_download_folder(tmp_path):
   root = _fake_chexpert(tmp_path / "chexpert", folder="CheXpert-v1.0")
   # data.dir may also be the download folder itself.
-  dataset = datasets.load_dataset(_config("chexpert", root / "CheXpert-v1.0", frontal_only=False,
-                                          uncertainty="ignore"), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.dir_config("chexpert", root / "CheXpert-v1.0", frontal_only=False,
+                                                       uncertainty="ignore"), str(tmp_path / "tfds"))
   splits = _by_split(dataset)
   assert len(splits["test"]) == 6 and sum(len(v) for v in splits.values()) == 6 + 60 - 2
   records = {r["id"]: r for rs in splits.values() for r in rs}
@@ -404,7 +346,7 @@ def test_chexpert_uncertainty_policies():
   assert chexpert._label("-1.0", chexpert.UNCERTAINTY["zeros"]) == 0.0
   assert np.isnan(chexpert._label("-1", chexpert.UNCERTAINTY["ignore"]))
   assert chexpert._label("2.0", 0.0) is None and chexpert._label("yes", 0.0) is None
-  config = _config("chexpert", "/nowhere", uncertainty="maybe")
+  config = fake_data.dir_config("chexpert", "/nowhere", uncertainty="maybe")
   with pytest.raises(DataError, match="config.data.uncertainty='maybe'"):
     chexpert.params_from_config(config)
 
@@ -413,13 +355,13 @@ def test_chexpert_strict_names_the_file_and_line(tmp_path):
   root = _fake_chexpert(tmp_path / "chexpert")
   with pytest.raises(DataError, match=r"missing_image in record CheXpert-v1.0-small/train.csv line 6 "
                      r"\(CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.jpg\): no such file"):
-    datasets.load_dataset(_config("chexpert", root, strict=True), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("chexpert", root, strict=True), str(tmp_path / "tfds"))
 
 
 def test_chexpert_missing_label_column_stops_before_building(tmp_path):
   root = _fake_chexpert(tmp_path / "chexpert", num_patients=3, drop_column="Edema")
   with pytest.raises(DataError, match=r"train.csv: missing required column 'Edema'"):
-    datasets.load_dataset(_config("chexpert", root), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("chexpert", root), str(tmp_path / "tfds"))
   assert not (tmp_path / "tfds").exists()
 
 
@@ -437,7 +379,7 @@ def _fake_covidx(root, two_class=False, list_names=("train.txt", "test.txt")):
       for view in range(1 + (i % 3 == 0)):  # some patients have two images
         filename = f"{patient}-{view}.png" if i != 7 else f"{patient} {view}.png"  # a space in the name
         rgb = np.clip(rng.normal(120, 25, (HEIGHT, WIDTH, 3)), 0, 255).astype(np.uint8)
-        _save_png(str(root / split / filename), rgb)
+        fake_data.save_image(str(root / split / filename), rgb)
         cls = classes[i % len(classes)]
         lines[split].append(f"{patient} {filename} {cls} cohen" if split == "train" else
                             f"{patient} {filename} {cls}")
@@ -451,7 +393,7 @@ def _fake_covidx(root, two_class=False, list_names=("train.txt", "test.txt")):
 
 def test_covidx_three_classes_one_hot_from_both_line_formats(tmp_path):
   root = _fake_covidx(tmp_path / "covidx")
-  dataset = datasets.load_dataset(_config("covidx", root), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.dir_config("covidx", root), str(tmp_path / "tfds"))
   assert dataset.label_names == ["normal", "pneumonia", "COVID-19"] and dataset.task == "multiclass"
   splits = _by_split(dataset)
   # train.txt: 24 patients, 32 images; validation round(32 * 300 / 13898) -> 1, plus that patient's others.
@@ -472,11 +414,11 @@ def test_covidx_three_classes_one_hot_from_both_line_formats(tmp_path):
 def test_covidx_refuses_a_two_class_release_and_finds_covidx_list_names(tmp_path):
   root = _fake_covidx(tmp_path / "two", two_class=True)
   with pytest.raises(DataError, match=r"train.txt line 1: class 'positive': this is a 2-class COVIDx "):
-    datasets.make_builder(_config("covidx", root), str(tmp_path / "tfds"))
+    datasets.make_builder(fake_data.dir_config("covidx", root), str(tmp_path / "tfds"))
   root = _fake_covidx(tmp_path / "v5", list_names=("train_COVIDx5.txt", "test_COVIDx5.txt"))
   with pytest.raises(DataError, match=r"bad_label in record train_COVIDx5.txt line 33 \(train/tr99-0.png\): "
                      r"class 'unknown' must be COVID-19, pneumonia or normal"):
-    datasets.load_dataset(_config("covidx", root, strict=True), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("covidx", root, strict=True), str(tmp_path / "tfds"))
 
 
 # --- MURA -----------------------------------------------------------------------------------------
@@ -495,27 +437,27 @@ def _fake_mura(root, missing_study=True):
       study = f"MURA-v1.1/{split}/{part}/patient{n:05d}/study1_{'positive' if label else 'negative'}/"
       for image in (1, 2):
         array = np.clip(rng.normal(100, 30, (HEIGHT, WIDTH)), 0, 255).astype(np.uint8)
-        _save_png(str(root / study / f"image{image}.png"), array)
+        fake_data.save_image(str(root / study / f"image{image}.png"), array)
         image_rows[split].append([study + f"image{image}.png"])
       if n == 5 and missing_study:
         continue  # a study missing from the labelled studies
       study_rows[split].append([study, "2" if n == 7 else int(label)])
   for split in image_rows:
-    _write_csv(download / f"{split}_image_paths.csv", image_rows[split])
-    _write_csv(download / f"{split}_labeled_studies.csv", study_rows[split])
+    fake_data.write_csv(download / f"{split}_image_paths.csv", None, image_rows[split])
+    fake_data.write_csv(download / f"{split}_labeled_studies.csv", None, study_rows[split])
   return root
 
 
 def test_mura_labels_from_studies_valid_as_test_body_part_in_id(tmp_path):
   root = _fake_mura(tmp_path / "mura")
-  dataset = datasets.load_dataset(_config("mura", root), str(tmp_path / "tfds"))
+  dataset = datasets.load_dataset(fake_data.dir_config("mura", root), str(tmp_path / "tfds"))
   assert dataset.label_names == ["Abnormal"] and dataset.task == "multilabel"
   splits = _by_split(dataset)
   assert len(splits["test"]) == 8 and all("/valid/" in r["id"] for r in splits["test"])
   # 36 of 40 train images with a usable label: validation round(36 * 3730 / 36808) = 4 (two patients);
   # train keeps 36 images, 4 of which are skipped (the studies of patients 5 and 7).
   assert len(splits["validation"]) == 4 and len(splits["train"]) == 32
-  assert _skipped(dataset) == {common.MISSING_LABEL: 2, classification.BAD_LABEL: 2}
+  assert fake_data.skipped(dataset) == {common.MISSING_LABEL: 2, classification.BAD_LABEL: 2}
   records = {r["id"]: r for rs in splits.values() for r in rs}
   shoulder = "MURA-v1.1/train/XR_SHOULDER/patient00003/study1_positive/image2.png"
   np.testing.assert_array_equal(records[shoulder]["labels"], [1.0])
@@ -536,7 +478,7 @@ def test_mura_labels_from_studies_valid_as_test_body_part_in_id(tmp_path):
 def test_mura_strict_names_the_file_and_line(tmp_path, missing_study, message):
   root = _fake_mura(tmp_path / "mura", missing_study=missing_study)
   with pytest.raises(DataError, match=message):
-    datasets.load_dataset(_config("mura", root, strict=True), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config("mura", root, strict=True), str(tmp_path / "tfds"))
 
 
 # --- Missing downloads ----------------------------------------------------------------------------
@@ -565,7 +507,7 @@ def test_missing_download_stops_before_building_naming_files_and_source(tmp_path
   target = root / remove
   shutil.rmtree(target) if target.is_dir() else target.unlink()
   with pytest.raises(DataError, match=problem) as error:
-    datasets.load_dataset(_config(name, root), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config(name, root), str(tmp_path / "tfds"))
   for part in parts:
     assert part in str(error.value)
   assert not (tmp_path / "tfds").exists()
@@ -573,7 +515,7 @@ def test_missing_download_stops_before_building_naming_files_and_source(tmp_path
 
 @pytest.mark.parametrize("name", ["rsna", "chexpert", "covidx", "mura"])
 def test_config_accepts_the_downstream_sets_and_requires_their_directory(tmp_path, name):
-  config = _config(name, tmp_path)
+  config = fake_data.dir_config(name, tmp_path)
   config.model.text.init_from = "x"
   config_lib.validate(config)
   config.data.dir = ""
@@ -582,4 +524,4 @@ def test_config_accepts_the_downstream_sets_and_requires_their_directory(tmp_pat
   with pytest.raises(DataError, match="config.data.dir is empty"):
     datasets.load_dataset(config, str(tmp_path / "tfds"))
   with pytest.raises(DataError, match="does not exist"):
-    datasets.load_dataset(_config(name, tmp_path / "nowhere"), str(tmp_path / "tfds"))
+    datasets.load_dataset(fake_data.dir_config(name, tmp_path / "nowhere"), str(tmp_path / "tfds"))

@@ -43,43 +43,28 @@ FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 UNCERTAINTY = {"zeros": 0.0, "ones": 1.0, "ignore": float("nan")}
 VIEW_COLUMN = "Frontal/Lateral"
-URL = "https://stanfordmlgroup.github.io/competitions/chexpert/ (Stanford AIMI)"
-ACCESS = "free, but needs registration with Stanford AIMI"
-EXPECTED = ("CheXpert-v1.0-small/train.csv, CheXpert-v1.0-small/valid.csv  (or CheXpert-v1.0/...)",
-            "CheXpert-v1.0-small/train/patientNNNNN/studyN/viewN_frontal.jpg, and valid/ likewise")
+DOWNLOAD = classification.Download(
+    dataset="CheXpert v1.0", url="https://stanfordmlgroup.github.io/competitions/chexpert/ (Stanford AIMI)",
+    access="free, but needs registration with Stanford AIMI",
+    expected=("CheXpert-v1.0-small/train.csv, CheXpert-v1.0-small/valid.csv  (or CheXpert-v1.0/...)",
+              "CheXpert-v1.0-small/train/patientNNNNN/studyN/viewN_frontal.jpg, and valid/ likewise"))
 # ConVIRT §4.2 / Appendix dataset table: images per split.
 PAPER_SIZES = {"train": 218_414, "validation": 5_000, "test": 234}
-_DATASET = "CheXpert v1.0"
-
-
-def _download_error(problem: str, root: str) -> DataError:
-  return classification.download_error(problem, dataset=_DATASET, root=root, expected=EXPECTED, url=URL,
-                                       access=ACCESS)
 
 
 @dataclasses.dataclass(frozen=True)
-class ChexpertParams:
-  """Everything that changes the built dataset (its BuilderConfig name is a hash of these)."""
-  root: str
-  stored_size: int = 256
-  split_seed: int = 0
+class ChexpertParams(classification.Params):
+  """The shared parameters, and how uncertain labels are stored and which views are kept."""
   uncertainty: str = "zeros"
   frontal_only: bool = True
 
-  @property
-  def config_name(self) -> str:
-    return f"s{self.stored_size}_{common.params_hash(self)}"
-
 
 def params_from_config(config: ml_collections.ConfigDict) -> ChexpertParams:
-  if not config.data.dir:
-    raise _download_error("config.data.dir is empty: give the directory of the download", "it")
+  shared = classification.shared_params(config, DOWNLOAD)
   uncertainty = str(config.data.uncertainty)
   if uncertainty not in UNCERTAINTY:
     raise DataError(f"config.data.uncertainty={uncertainty!r}: must be one of {', '.join(UNCERTAINTY)}")
-  return ChexpertParams(root=os.path.abspath(os.path.expanduser(config.data.dir)),
-                        stored_size=int(config.data.stored_size), split_seed=int(config.data.split_seed),
-                        uncertainty=uncertainty, frontal_only=bool(config.data.frontal_only))
+  return ChexpertParams(**shared, uncertainty=uncertainty, frontal_only=bool(config.data.frontal_only))
 
 
 def _label(value: str, uncertain: float) -> float | None:
@@ -97,25 +82,14 @@ class Chexpert(classification.ClassificationBuilder):
   """CheXpert v1.0 images with the five competition labels."""
 
   name = "convirt_chexpert"
+  DOWNLOAD = DOWNLOAD
   LABEL_NAMES = LABEL_NAMES
   TASK = common.MULTILABEL
   DESCRIPTION = ("CheXpert v1.0: Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; the "
                  "official validation set is the test split.")
 
-  def __init__(self, *, params: ChexpertParams, **kwargs):
-    root = params.root
-    fail = lambda problem: _download_error(problem, root)
-    if not os.path.isdir(root):
-      raise fail(f"the directory {root} does not exist")
-    if os.path.isfile(os.path.join(root, "train.csv")):
-      self._download = root
-    else:
-      found = [os.path.join(root, f) for f in FOLDERS if os.path.isfile(os.path.join(root, f, "train.csv"))]
-      if len(found) > 1:
-        raise DataError(f"{root} holds both {' and '.join(FOLDERS)}: set config.data.dir to the one to use")
-      if not found:
-        raise fail(f"no train.csv in {root} nor in its {' or '.join(f + '/' for f in FOLDERS)}")
-      self._download = found[0]
+  def _open_download(self, params, fail):
+    self._download = classification.find_download(params.root, "train.csv", FOLDERS, fail)
     if not os.path.isfile(os.path.join(self._download, "valid.csv")):
       raise fail(f"missing {os.path.join(self._download, 'valid.csv')}")
     for folder in ("train", "valid"):
@@ -127,7 +101,6 @@ class Chexpert(classification.ClassificationBuilder):
       f, reader = common.open_csv(path)
       with f:
         common.require_columns(reader, self._columns, path)
-    super().__init__(params=params, **kwargs)
 
   def _metadata(self):
     return {**super()._metadata(), "uncertainty": self._params.uncertainty,
@@ -181,8 +154,4 @@ class Chexpert(classification.ClassificationBuilder):
     if not any(item.patient for item in pool):
       raise DataError(f"{os.path.join(self._download, 'train.csv')} lists no usable image "
                       f"(frontal_only={self._params.frontal_only})")
-    classification.warn_shared_patients(pool, test, _DATASET)
-    splits = classification.hold_out(pool, {"validation": PAPER_SIZES["validation"]},
-                                      PAPER_SIZES["train"], self._params.split_seed, _DATASET)
-    splits["test"] = test
-    return splits
+    return self._hold_out_validation(pool, test, PAPER_SIZES)

@@ -18,15 +18,21 @@ patients until it holds its number of images (so it may exceed it by the images 
 keeps the rest. The result depends on the seed and the patients, not on the order of the files' lines, and
 no patient is in two splits. A download with fewer images than the paper's keeps the paper's proportions
 (a warning says so); a bigger one gives the held-out splits the paper's sizes and train the rest.
+
+What a builder module holds: its `DOWNLOAD` (where the data set comes from, what it holds), its `*Params`
+(a subclass of `Params`; more fields only for a set with more parameters), `params_from_config` (through
+`shared_params`), and a `ClassificationBuilder` that finds the download's files (`_open_download`) and reads
+its lists (`_splits`).
 """
 import abc
 import collections
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -51,11 +57,42 @@ class Item:
   detail: str = ""
 
 
-def download_error(problem: str, *, dataset: str, root: str, expected: Sequence[str], url: str,
-                   access: str) -> DataError:
-  """The message of a missing or incomplete download: what is wrong, the expected files, where to get them."""
-  return DataError(f"{problem}. Expected the {dataset} download in {root}:\n  " + "\n  ".join(expected)
-                   + f"\nIt is obtained from {url} ({access}).")
+@dataclasses.dataclass(frozen=True)
+class Download:
+  """A data set's download: its name in messages, where it is obtained, the files it is expected to hold."""
+  dataset: str
+  url: str
+  access: str                  # what obtaining it takes ("needs a Kaggle account ...")
+  expected: tuple[str, ...]    # the files and folders looked for, one a line in messages
+
+  def error(self, problem: str, root: str) -> DataError:
+    """The error of a missing or incomplete download: what is wrong, the expected files, where to get them."""
+    return DataError(f"{problem}. Expected the {self.dataset} download in {root}:\n  "
+                     + "\n  ".join(self.expected) + f"\nIt is obtained from {self.url} ({self.access}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """Everything that changes the built dataset (its BuilderConfig name is a hash of these).
+
+  Each set has its own subclass (its name shows in the BuilderConfig's description); one with more
+  parameters adds fields. The hash is of the fields' names and values only, not of the class.
+  """
+  root: str
+  stored_size: int = 256
+  split_seed: int = 0
+
+  @property
+  def config_name(self) -> str:
+    return f"s{self.stored_size}_{common.params_hash(self)}"
+
+
+def shared_params(config: ml_collections.ConfigDict, download: Download) -> dict[str, Any]:
+  """The fields of `Params` from `config`; a DataError naming `download` when config.data.dir is empty."""
+  if not config.data.dir:
+    raise download.error("config.data.dir is empty: give the directory of the download", "it")
+  return dict(root=os.path.abspath(os.path.expanduser(config.data.dir)),
+              stored_size=int(config.data.stored_size), split_seed=int(config.data.split_seed))
 
 
 def line_fields(row: Mapping[str, str | None], columns: Sequence[str]) -> list[str] | None:
@@ -118,6 +155,19 @@ def load_image(path: str, size: int) -> bytes:
   return common.load_jpeg(path, size)
 
 
+def find_download(root: str, marker: str, folders: Sequence[str], fail: Callable[[str], DataError]) -> str:
+  """The download folder: `root` itself when it holds the file `marker`, else the one of its `folders` that
+  does ("CheXpert-v1.0-small", "MURA-v1.1"); `fail(problem)` when none does."""
+  if os.path.isfile(os.path.join(root, marker)):
+    return root
+  found = [os.path.join(root, f) for f in folders if os.path.isfile(os.path.join(root, f, marker))]
+  if len(found) > 1:
+    raise DataError(f"{root} holds both {' and '.join(folders)}: set config.data.dir to the one to use")
+  if not found:
+    raise fail(f"no {marker} in {root} nor in its {' or '.join(f + '/' for f in folders)}")
+  return found[0]
+
+
 def resolve_listed_path(download_dir: str, listed: str) -> str:
   """Where a path from a CheXpert/MURA list is on disk.
 
@@ -137,16 +187,43 @@ def path_component(path: str, prefix: str) -> str | None:
 
 
 class ClassificationBuilder(common.LocalBuilder):
-  """A downstream classification set: subclasses set the class attributes and implement `_splits`."""
+  """A downstream classification set: subclasses set the class attributes and implement `_open_download`
+  and `_splits`."""
 
   VERSION = common.VERSION
+  DOWNLOAD: Download
   LABEL_NAMES: tuple[str, ...] = ()
   TASK: str = common.MULTILABEL
   DESCRIPTION: str = ""
 
+  def __init__(self, *, params: Params, **kwargs):
+    """Checks the download in params.root (reads no image) before anything is built."""
+    root = params.root
+    fail = lambda problem: self.DOWNLOAD.error(problem, root)
+    if not os.path.isdir(root):
+      raise fail(f"the directory {root} does not exist")
+    self._open_download(params, fail)
+    super().__init__(params=params, **kwargs)
+
+  @abc.abstractmethod
+  def _open_download(self, params: Params, fail: Callable[[str], DataError]) -> None:
+    """Finds the download's files in the existing params.root and checks their columns; `fail(problem)` is
+    the DataError of a missing or incomplete download."""
+
   @abc.abstractmethod
   def _splits(self) -> dict[str, list[Item]]:
     """split -> its items (reads the lists, not the images)."""
+
+  def _hold_out_validation(self, pool: Sequence[Item], test: list[Item],
+                           paper_sizes: Mapping[str, int]) -> dict[str, list[Item]]:
+    """The splits of a set whose official test list is `test`: validation is held out of the official
+    training list `pool` by patient (`hold_out`), train keeps the rest."""
+    dataset = self.DOWNLOAD.dataset
+    warn_shared_patients(pool, test, dataset)
+    splits = hold_out(pool, {"validation": paper_sizes["validation"]}, paper_sizes["train"],
+                      self._params.split_seed, dataset)
+    splits["test"] = test
+    return splits
 
   def _metadata(self) -> dict[str, Any]:
     """Extra entries of the dataset's metadata (the parameters that define the labels and splits)."""

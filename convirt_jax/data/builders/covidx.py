@@ -33,37 +33,22 @@ from convirt_jax.errors import DataError
 LABEL_NAMES = ("normal", "pneumonia", "COVID-19")
 _CLASSES = {"normal": 0, "pneumonia": 1, "covid-19": 2, "covid19": 2, "covid": 2}
 _TWO_CLASS = ("positive", "negative")
-URL = "https://github.com/lindawangg/COVID-Net/blob/master/docs/COVIDx.md"
-ACCESS = "built from public sources; its RSNA part needs a Kaggle account"
-EXPECTED = ("train.txt, test.txt  (lines: patient_id filename class [data_source]); or train_COVIDx*.txt, "
-            "test_COVIDx*.txt", "train/<filename>, test/<filename>")
+DOWNLOAD = classification.Download(
+    dataset="COVIDx", url="https://github.com/lindawangg/COVID-Net/blob/master/docs/COVIDx.md",
+    access="built from public sources; its RSNA part needs a Kaggle account",
+    expected=("train.txt, test.txt  (lines: patient_id filename class [data_source]); or train_COVIDx*.txt, "
+              "test_COVIDx*.txt", "train/<filename>, test/<filename>"))
 # ConVIRT §4.2 / Appendix dataset table: images per split.
 PAPER_SIZES = {"train": 13_598, "validation": 300, "test": 300}
-_DATASET = "COVIDx"
-
-
-def _download_error(problem: str, root: str) -> DataError:
-  return classification.download_error(problem, dataset=_DATASET, root=root, expected=EXPECTED, url=URL,
-                                       access=ACCESS)
 
 
 @dataclasses.dataclass(frozen=True)
-class CovidxParams:
-  """Everything that changes the built dataset (its BuilderConfig name is a hash of these)."""
-  root: str
-  stored_size: int = 256
-  split_seed: int = 0
-
-  @property
-  def config_name(self) -> str:
-    return f"s{self.stored_size}_{common.params_hash(self)}"
+class CovidxParams(classification.Params):
+  """The shared parameters only."""
 
 
 def params_from_config(config: ml_collections.ConfigDict) -> CovidxParams:
-  if not config.data.dir:
-    raise _download_error("config.data.dir is empty: give the directory of the download", "it")
-  return CovidxParams(root=os.path.abspath(os.path.expanduser(config.data.dir)),
-                      stored_size=int(config.data.stored_size), split_seed=int(config.data.split_seed))
+  return CovidxParams(**classification.shared_params(config, DOWNLOAD))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +84,13 @@ class Covidx(classification.ClassificationBuilder):
   """COVIDx chest X-rays: normal, pneumonia (non-COVID), COVID-19."""
 
   name = "convirt_covidx"
+  DOWNLOAD = DOWNLOAD
   LABEL_NAMES = LABEL_NAMES
   TASK = common.MULTICLASS
   DESCRIPTION = "COVIDx chest X-rays, three classes: normal, pneumonia (non-COVID-19), COVID-19."
 
-  def __init__(self, *, params: CovidxParams, **kwargs):
+  def _open_download(self, params, fail):
     root = params.root
-    fail = lambda problem: _download_error(problem, root)
-    if not os.path.isdir(root):
-      raise fail(f"the directory {root} does not exist")
     self._lists, self._lines = {}, {}
     for split in ("train", "test"):
       plain = os.path.join(root, f"{split}.txt")
@@ -128,8 +111,7 @@ class Covidx(classification.ClassificationBuilder):
         raise DataError(
             f"{found[0]} line {two_class.number}: class {two_class.class_name!r}: this is a 2-class COVIDx "
             "release (COVIDx CXR-2 or later, positive/negative). The paper's task has three classes: use a "
-            f"release whose classes are COVID-19, pneumonia and normal (see {URL}).")
-    super().__init__(params=params, **kwargs)
+            f"release whose classes are COVID-19, pneumonia and normal (see {DOWNLOAD.url}).")
 
   def _items(self, split: str) -> list[classification.Item]:
     shown = os.path.basename(self._lists[split])
@@ -154,8 +136,4 @@ class Covidx(classification.ClassificationBuilder):
 
   def _splits(self) -> dict[str, list[classification.Item]]:
     pool, test = self._items("train"), self._items("test")
-    classification.warn_shared_patients(pool, test, _DATASET)
-    splits = classification.hold_out(pool, {"validation": PAPER_SIZES["validation"]}, PAPER_SIZES["train"],
-                                      self._params.split_seed, _DATASET)
-    splits["test"] = test
-    return splits
+    return self._hold_out_validation(pool, test, PAPER_SIZES)

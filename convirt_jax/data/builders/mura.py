@@ -34,14 +34,15 @@ from convirt_jax.errors import DataError
 
 FOLDER = "MURA-v1.1"
 LABEL_NAMES = ("Abnormal",)
-URL = "https://stanfordmlgroup.github.io/competitions/mura/ (Stanford AIMI)"
-ACCESS = "free, but needs registration with Stanford AIMI"
-EXPECTED = ("MURA-v1.1/train_image_paths.csv, MURA-v1.1/valid_image_paths.csv  (one image path per line)",
-            "MURA-v1.1/train_labeled_studies.csv, MURA-v1.1/valid_labeled_studies.csv  (study_dir,label)",
-            "MURA-v1.1/train/XR_<BODY PART>/patientNNNNN/studyN_<positive|negative>/imageN.png, and valid/")
+DOWNLOAD = classification.Download(
+    dataset="MURA v1.1", url="https://stanfordmlgroup.github.io/competitions/mura/ (Stanford AIMI)",
+    access="free, but needs registration with Stanford AIMI",
+    expected=(
+        "MURA-v1.1/train_image_paths.csv, MURA-v1.1/valid_image_paths.csv  (one image path per line)",
+        "MURA-v1.1/train_labeled_studies.csv, MURA-v1.1/valid_labeled_studies.csv  (study_dir,label)",
+        "MURA-v1.1/train/XR_<BODY PART>/patientNNNNN/studyN_<positive|negative>/imageN.png, and valid/"))
 # ConVIRT §4.2 / Appendix dataset table: images per split.
 PAPER_SIZES = {"train": 33_078, "validation": 3_730, "test": 3_197}
-_DATASET = "MURA v1.1"
 
 
 def body_part(record_id: str) -> str | None:
@@ -49,28 +50,13 @@ def body_part(record_id: str) -> str | None:
   return classification.path_component(record_id, "XR_")
 
 
-def _download_error(problem: str, root: str) -> DataError:
-  return classification.download_error(problem, dataset=_DATASET, root=root, expected=EXPECTED, url=URL,
-                                       access=ACCESS)
-
-
 @dataclasses.dataclass(frozen=True)
-class MuraParams:
-  """Everything that changes the built dataset (its BuilderConfig name is a hash of these)."""
-  root: str
-  stored_size: int = 256
-  split_seed: int = 0
-
-  @property
-  def config_name(self) -> str:
-    return f"s{self.stored_size}_{common.params_hash(self)}"
+class MuraParams(classification.Params):
+  """The shared parameters only."""
 
 
 def params_from_config(config: ml_collections.ConfigDict) -> MuraParams:
-  if not config.data.dir:
-    raise _download_error("config.data.dir is empty: give the directory of the download", "it")
-  return MuraParams(root=os.path.abspath(os.path.expanduser(config.data.dir)),
-                    stored_size=int(config.data.stored_size), split_seed=int(config.data.split_seed))
+  return MuraParams(**classification.shared_params(config, DOWNLOAD))
 
 
 def _study_key(listed: str) -> str:
@@ -85,29 +71,20 @@ class Mura(classification.ClassificationBuilder):
   """MURA v1.1 upper-extremity radiographs, abnormal vs. normal (the label of the image's study)."""
 
   name = "convirt_mura"
+  DOWNLOAD = DOWNLOAD
   LABEL_NAMES = LABEL_NAMES
   TASK = common.MULTILABEL
   DESCRIPTION = ("MURA v1.1 musculoskeletal radiographs, abnormal (1) vs. normal (0) from the study; the "
                  "official validation set is the test split; the body part is in the record id.")
 
-  def __init__(self, *, params: MuraParams, **kwargs):
-    root = params.root
-    fail = lambda problem: _download_error(problem, root)
-    if not os.path.isdir(root):
-      raise fail(f"the directory {root} does not exist")
-    if os.path.isfile(os.path.join(root, "train_image_paths.csv")):
-      self._download = root
-    elif os.path.isfile(os.path.join(root, FOLDER, "train_image_paths.csv")):
-      self._download = os.path.join(root, FOLDER)
-    else:
-      raise fail(f"no train_image_paths.csv in {root} nor in {os.path.join(root, FOLDER)}/")
+  def _open_download(self, params, fail):
+    self._download = classification.find_download(params.root, "train_image_paths.csv", (FOLDER,), fail)
     for split in ("train", "valid"):
       for name in (f"{split}_image_paths.csv", f"{split}_labeled_studies.csv"):
         if not os.path.isfile(os.path.join(self._download, name)):
           raise fail(f"missing {os.path.join(self._download, name)}")
       if not os.path.isdir(os.path.join(self._download, split)):
         raise fail(f"missing the image folder {os.path.join(self._download, split)}/")
-    super().__init__(params=params, **kwargs)
 
   def _read_studies(self, split: str) -> dict[str, tuple[float | None, str]]:
     """study key -> (label, or None when it is not 0 or 1; where it was read)."""
@@ -159,8 +136,4 @@ class Mura(classification.ClassificationBuilder):
     pool, test = self._items("train"), self._items("valid")
     if not pool:
       raise DataError(f"{os.path.join(self._download, 'train_image_paths.csv')} lists no image")
-    classification.warn_shared_patients(pool, test, _DATASET)
-    splits = classification.hold_out(pool, {"validation": PAPER_SIZES["validation"]}, PAPER_SIZES["train"],
-                                      self._params.split_seed, _DATASET)
-    splits["test"] = test
-    return splits
+    return self._hold_out_validation(pool, test, PAPER_SIZES)

@@ -32,51 +32,35 @@ from convirt_jax.errors import DataError
 
 LABELS_CSV = "stage_2_train_labels.csv"
 IMAGES_DIR = "stage_2_train_images"
-URL = "https://www.kaggle.com/competitions/rsna-pneumonia-detection-challenge/data"
-ACCESS = "needs a Kaggle account that has accepted the competition's rules"
-EXPECTED = (f"{LABELS_CSV}  (patientId,x,y,width,height,Target)", f"{IMAGES_DIR}/<patientId>.dcm")
+DOWNLOAD = classification.Download(
+    dataset="RSNA Pneumonia Detection Challenge (stage 2)",
+    url="https://www.kaggle.com/competitions/rsna-pneumonia-detection-challenge/data",
+    access="needs a Kaggle account that has accepted the competition's rules",
+    expected=(f"{LABELS_CSV}  (patientId,x,y,width,height,Target)", f"{IMAGES_DIR}/<patientId>.dcm"))
 # ConVIRT §4.2 / Appendix dataset table: images per split.
 PAPER_SIZES = {"train": 25_184, "validation": 1_500, "test": 3_000}
-_DATASET = "RSNA Pneumonia Detection Challenge (stage 2)"
-
-
-def _download_error(problem: str, root: str) -> DataError:
-  return classification.download_error(problem, dataset=_DATASET, root=root, expected=EXPECTED, url=URL,
-                                       access=ACCESS)
 
 
 @dataclasses.dataclass(frozen=True)
-class RsnaParams:
-  """Everything that changes the built dataset (its BuilderConfig name is a hash of these)."""
-  root: str
-  stored_size: int = 256
-  split_seed: int = 0
-
-  @property
-  def config_name(self) -> str:
-    return f"s{self.stored_size}_{common.params_hash(self)}"
+class RsnaParams(classification.Params):
+  """The shared parameters only."""
 
 
 def params_from_config(config: ml_collections.ConfigDict) -> RsnaParams:
-  if not config.data.dir:
-    raise _download_error("config.data.dir is empty: give the directory of the download", "it")
-  return RsnaParams(root=os.path.abspath(os.path.expanduser(config.data.dir)),
-                    stored_size=int(config.data.stored_size), split_seed=int(config.data.split_seed))
+  return RsnaParams(**classification.shared_params(config, DOWNLOAD))
 
 
 class RsnaPneumonia(classification.ClassificationBuilder):
   """RSNA Pneumonia Detection Challenge stage 2 training DICOMs with their binary Target."""
 
   name = "convirt_rsna_pneumonia"
+  DOWNLOAD = DOWNLOAD
   LABEL_NAMES = ("Pneumonia",)
   TASK = common.MULTILABEL
   DESCRIPTION = "RSNA Pneumonia Detection Challenge stage 2 training images, pneumonia (Target) vs. not."
 
-  def __init__(self, *, params: RsnaParams, **kwargs):
+  def _open_download(self, params, fail):
     root = params.root
-    fail = lambda problem: _download_error(problem, root)
-    if not os.path.isdir(root):
-      raise fail(f"the directory {root} does not exist")
     self._labels_csv = os.path.join(root, LABELS_CSV)
     if not os.path.isfile(self._labels_csv):
       raise fail(f"missing {self._labels_csv}")
@@ -85,7 +69,6 @@ class RsnaPneumonia(classification.ClassificationBuilder):
     f, reader = common.open_csv(self._labels_csv)
     with f:
       common.require_columns(reader, ("patientId", "Target"), self._labels_csv)
-    super().__init__(params=params, **kwargs)
 
   def _splits(self) -> dict[str, list[classification.Item]]:
     first_line, targets, problems, malformed = {}, {}, {}, []
@@ -129,4 +112,5 @@ class RsnaPneumonia(classification.ClassificationBuilder):
     if not first_line:
       raise DataError(f"{self._labels_csv}: no patient listed")
     held_out = {"test": PAPER_SIZES["test"], "validation": PAPER_SIZES["validation"]}
-    return classification.hold_out(pool, held_out, PAPER_SIZES["train"], self._params.split_seed, _DATASET)
+    return classification.hold_out(pool, held_out, PAPER_SIZES["train"], self._params.split_seed,
+                                   DOWNLOAD.dataset)
