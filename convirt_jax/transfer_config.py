@@ -14,7 +14,7 @@ import ml_collections
 from convirt_jax import config as config_lib
 from convirt_jax.errors import ConfigError
 
-PROTOCOLS = ("linear", "finetune", "zeroshot")
+PROTOCOLS = ("linear", "finetune", "zeroshot", "retrieval")
 ENCODER_KINDS = ("imagenet", "random")  # besides a ConVIRT workdir (PATH, PATH@best|latest|STEP)
 
 
@@ -26,7 +26,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.encoders = ("random",)
   c.imagenet_weights = "torchvision"  # a local .pth/.pt/.safetensors file, or "torchvision" (download)
   c.random_init_seed = 1              # the "Random Init." encoder's weights
-  c.protocols = PROTOCOLS             # any of "linear", "finetune", "zeroshot"
+  c.protocols = ("linear", "finetune", "zeroshot")  # any of PROTOCOLS ("retrieval": CheXpert 8x200 only)
   c.fractions = (0.01, 0.1, 1.0)      # fractions of the training labels (Table 1's 1% / 10% / 100%)
   c.seeds = (0, 1, 2)                 # one training subset per (fraction, seed), shared by the protocols
   c.min_train = 10                    # smallest training subset, whatever the fraction
@@ -73,6 +73,12 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.zeroshot = ml_collections.ConfigDict()
   c.zeroshot.prompts = ml_collections.ConfigDict()
 
+  # Retrieval protocol (the paper's Table 2; data.name "chexpert"; evaluate/chexpert_retrieval.py): the
+  # folder holding image-retrieval/ and text-retrieval/ of https://github.com/yuhaozhang/convirt.
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.dir = ""
+  c.retrieval.k = (5, 10, 50)         # Prec@k cut-offs (Table 2's)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128             # inference batch (features, validation, test), over every device
   c.distributed = base.distributed
@@ -108,6 +114,18 @@ def validate_transfer(config: ml_collections.ConfigDict) -> None:
   for protocol in config.protocols:
     if protocol not in PROTOCOLS:
       raise ConfigError(f"config.protocols has {protocol!r}: each must be one of {PROTOCOLS}")
+  if "retrieval" in config.protocols:
+    if config.data.name != "chexpert":
+      raise ConfigError(f"config.protocols has 'retrieval' (CheXpert 8x200, the paper's Table 2), which "
+                        f"needs config.data.name='chexpert'; got {config.data.name!r} (see "
+                        "configs/transfer/chexpert_8x200.py)")
+    if not config.retrieval.dir:
+      raise ConfigError("config.retrieval.dir is empty: give the folder holding image-retrieval/ and "
+                        "text-retrieval/ of https://github.com/yuhaozhang/convirt "
+                        "(--config.retrieval.dir=/path)")
+    ks = tuple(config.retrieval.k)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+      raise ConfigError(f"config.retrieval.k={ks!r}: give cut-offs >= 1, e.g. (5, 10, 50)")
   if not config.fractions:
     raise ConfigError("config.fractions is empty: give label fractions in (0, 1], e.g. (0.01, 0.1, 1.0)")
   for fraction in config.fractions:

@@ -2,10 +2,13 @@
 
 Order: every check that needs no compiled code (config, encoders, data set, task, labels, prompts,
 batch divisibility), then the cheap protocols of every encoder (linear: frozen pooled features and
-`linear_probe.linear_probe`; zero-shot for ConVIRT encoders), then fine-tuning under one progress bar
+`linear_probe.linear_probe`; zero-shot for ConVIRT encoders; CheXpert 8x200 retrieval, `chexpert_retrieval`,
+whose CSVs and images are read before anything compiles), then fine-tuning under one progress bar
 over all of its runs. Results are rewritten after each protocol of each encoder; each protocol's result
 per encoder is also kept in a small JSON (<workdir>/linear/<encoder>.json, zeroshot/..., and each
 fine-tuning run's result.json), so a rerun skips what is finished.
+
+The retrieval protocol alone (configs/transfer/chexpert_8x200.py) builds no classification set.
 
 Every protocol trains on the same subsets: `finetune.training_subsets` is the linear probe's own
 `linear_probe.sample_training_subset` on the training labels, per (fraction, seed).
@@ -27,6 +30,7 @@ from convirt_jax import transfer_config
 from convirt_jax import transfer_encoders
 from convirt_jax.data import datasets
 from convirt_jax.errors import ConfigError, DataError
+from convirt_jax.evaluate import chexpert_retrieval
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import finetune, linear_probe, plots, zeroshot
 from convirt_jax.evaluate import results as results_lib
@@ -61,13 +65,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       parallel.local_batch_size(int(config.finetune.batch_size), mesh)
     except ConfigError as e:
       raise ConfigError(f"config.finetune.batch_size: {e}") from None
+  # CheXpert 8x200 retrieval: its CSVs and every image they list are read (and checked) before any compile.
+  retrieval_set = chexpert_retrieval.open_retrieval_set(config) if "retrieval" in protocols else None
   os.makedirs(workdir, exist_ok=True)
   # One job per workdir: a second one would interleave checkpoints and results with this one's.
   with workdir_lock.WorkdirLock(workdir, enabled=parallel.is_main_process()):
-    return _transfer(config, workdir, mesh, protocols, encoders, arch, start)
+    if not set(protocols) - {"retrieval"}:  # retrieval alone: no classification set to build
+      return _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
+    return _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval_set)
 
 
-def _transfer(config, workdir, mesh, protocols, encoders, arch, start) -> dict[str, Any]:
+def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval_set=None) -> dict[str, Any]:
   dataset = datasets.load_dataset(config, config.data.tfds_dir or os.path.join(workdir, "tfds"),
                                   is_builder_process=parallel.is_main_process())
   for split in ("train", "test"):
@@ -111,12 +119,41 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start) -> dict[s
     if "zeroshot" in protocols and encoder.is_convirt:
       job.results["methods"][encoder.name]["zeroshot"] = job.zeroshot(encoder, prompts, unprompted)
       job.write()
+    if "retrieval" in protocols:
+      job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
+      job.write()
   if "finetune" in protocols and not job.finetune_all():
     _announce("Preempted: fine-tuning stopped at a checkpoint; run the same command to resume.")
     return {}
   job.write(plot=True)
   _announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
             f"Results, metrics and {CURVES_PNG} are in {workdir} ({time.monotonic() - start:.0f} s)")
+  return job.results
+
+
+def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start) -> dict[str, Any]:
+  """The retrieval protocol alone (configs/transfer/chexpert_8x200.py): no classification set is built."""
+  model = classifier_model(config, arch, 1)  # only its pooled features are used
+  job = _Job(config, workdir, mesh, None, None, [], None, {}, model, arch, encoders)
+  for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
+    job.encoder_variables(encoder)
+  if parallel.is_main_process():
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  job.results = {
+      "dataset": chexpert_retrieval.TITLE,
+      "run": {"workdir": workdir, "data": config.data.dir, "retrieval": config.retrieval.dir,
+              **retrieval_set.describe(), "architecture": arch.describe(),
+              "encoders": {e.name: transfer_encoders.describe(e, config) for e in encoders},
+              "protocols": ["retrieval"], "devices": jax.device_count(), "processes": jax.process_count()},
+      "methods": {e.name: {} for e in encoders}}
+  sizes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in retrieval_set.describe().items())
+  _announce(f"{chexpert_retrieval.TITLE} ({sizes}) of {', '.join(e.name for e in encoders)} "
+            f"({arch.describe()})")
+  for encoder in encoders:
+    job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
+    job.write()
+  _announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
+            f"Results are in {workdir} ({time.monotonic() - start:.0f} s)")
   return job.results
 
 
@@ -250,6 +287,21 @@ class _Job:
     result = zeroshot.evaluate_zeroshot(test["image_emb"], test["labels"], self.label_names, self.task,
                                         class_emb, excluded=unprompted)
     return dict(result, prompts=prompts)
+
+  def retrieval(self, encoder: transfer_encoders.Encoder, retrieval_set) -> dict[str, Any]:
+    """The CheXpert 8x200 retrieval protocol (`chexpert_retrieval`): image->image on the pooled features of
+    every encoder, text->image on the projections of a ConVIRT encoder."""
+    settings = {"encoder": encoder.spec, "encoder_step": encoder.step,
+                "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
+                "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
+                "architecture": dataclasses.asdict(self.arch), "retrieval": retrieval_set.identity,
+                "k": list(self.config.retrieval.k)}
+
+    def compute():
+      _announce(f"Retrieval protocol: {encoder.name}...")
+      return chexpert_retrieval.evaluate_encoder(encoder, self.encoder_variables(encoder), self.model,
+                                                 retrieval_set, self.config, self.mesh)
+    return self._cached("retrieval", encoder, settings, compute)
 
   def finetune_all(self) -> bool:
     """Every fine-tuning run under one progress bar; False when preempted."""

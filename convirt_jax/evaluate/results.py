@@ -39,7 +39,8 @@ from etils import epath
 
 # config.data.name -> the data set's name in tables (results of other protocols than the paper's are
 # named by their data set, never "Table N").
-DATASET_TITLES = {"synthetic": "Synthetic CXR", "mimic_cxr": "MIMIC-CXR", "csv": "CSV labels"}
+DATASET_TITLES = {"synthetic": "Synthetic CXR", "mimic_cxr": "MIMIC-CXR", "csv": "CSV labels",
+                  "rsna": "RSNA Pneumonia", "chexpert": "CheXpert", "covidx": "COVIDx", "mura": "MURA"}
 DIRECTIONS = {"image_to_image": "Image→image", "text_to_image": "Text→image"}
 METRIC_NAMES = {"auc": "AUC ×100", "accuracy": "accuracy %"}
 MISSING = "–"
@@ -270,16 +271,23 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tup
 #
 #   {"run": {...}, "dataset": title, "task", "metric": "auc" | "accuracy", "label_names": [...],
 #    "methods": {row: {"linear": linear_probe output, "finetune": finetune.summarise output,
-#                      "zeroshot": zeroshot.evaluate_zeroshot output}}}
+#                      "zeroshot": zeroshot.evaluate_zeroshot output,
+#                      "retrieval": {"image_to_image", "text_to_image": chexpert_retrieval output}}}}
+# "metric" (and "task", "label_names") only when a classification protocol ran: the CheXpert 8x200
+# retrieval alone has none. Its block is the paper's Table 2 shape.
 
 TRANSFER_PROTOCOLS = {"linear": "Linear classification (frozen encoder)", "finetune": "Fine-tuning",
-                      "zeroshot": "Zero-shot (prompt embeddings; not a protocol of the paper)"}
+                      "zeroshot": "Zero-shot (prompt embeddings; not a protocol of the paper)",
+                      "retrieval": "Retrieval"}
+RETRIEVAL_TABLE = "CheXpert 8×200, the paper's Table 2"
 
 
 def validate_transfer_results(results: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first key that does not follow the structure above."""
-  _require(results, ("methods", "metric"), "results")
-  if results["metric"] not in METRIC_NAMES:
+  classification = any(p in e for e in results.get("methods", {}).values() if isinstance(e, Mapping)
+                       for p in ("linear", "finetune", "zeroshot"))
+  _require(results, ("methods", "metric") if classification else ("methods",), "results")
+  if "metric" in results and results["metric"] not in METRIC_NAMES:
     raise ValueError(f"results['metric']: {results['metric']!r} not in {sorted(METRIC_NAMES)}")
   for method, entry in results["methods"].items():
     path = f"results['methods'][{method!r}]"
@@ -294,6 +302,12 @@ def validate_transfer_results(results: Mapping[str, Any]) -> None:
           _require(row, ("fraction", "mean", "std", "per_label"), f"{path}[{protocol!r}]['fractions'][{i}]")
     if "zeroshot" in entry:
       _require(entry["zeroshot"], ("main", "per_label"), f"{path}['zeroshot']")
+    for direction, scores in entry.get("retrieval", {}).items():
+      retrieval_path = f"{path}['retrieval'][{direction!r}]"
+      if direction not in DIRECTIONS:
+        raise ValueError(f"{retrieval_path}: unknown direction; expected one of {sorted(DIRECTIONS)}")
+      _require(scores, ("ks", "chance"), retrieval_path)
+      _require(scores, [f"prec@{k}" for k in scores["ks"]], retrieval_path)
 
 
 def _fractions_of(methods: Mapping[str, Any], protocol: str) -> list[float]:
@@ -307,10 +321,11 @@ def _fractions_of(methods: Mapping[str, Any], protocol: str) -> list[float]:
 
 def transfer_markdown(results: Mapping[str, Any]) -> str:
   """results.md of the transfer job: one Table 1 block per protocol (rows: encoders; columns: label
-  fractions; mean ± std over seeds), the zero-shot scores, per-label tables and the excluded labels."""
+  fractions; mean ± std over seeds), the zero-shot scores, the CheXpert 8x200 retrieval (Table 2 shape),
+  per-label tables and the excluded labels."""
   validate_transfer_results(results)
-  methods, metric = results["methods"], results["metric"]
-  unit = METRIC_NAMES[metric]
+  methods, metric = results["methods"], results.get("metric")
+  unit = METRIC_NAMES.get(metric, "")
   lines = [f"# ConVIRT transfer: {results.get('dataset', '')}".rstrip(), ""]
   for key, value in results.get("run", {}).items():
     text = value if isinstance(value, str) else json.dumps(to_json_ready(value), ensure_ascii=False)
@@ -342,6 +357,9 @@ def transfer_markdown(results: Mapping[str, Any]) -> str:
   if zeroshot:
     lines += ["", f"## {TRANSFER_PROTOCOLS['zeroshot']}", ""]
     lines += _table(["Method", unit], [[m, _pct(z["main"])] for m, z in zeroshot.items()])
+  retrieval = {m: e for m, e in methods.items() if "retrieval" in e}
+  if retrieval:
+    lines += [""] + _retrieval_markdown(retrieval, RETRIEVAL_TABLE)
   label_names = list(results.get("label_names", []))
   if label_names:
     lines += ["", f"## Per label ({unit}; {MISSING} = not scorable)"]
