@@ -34,7 +34,7 @@ def quiet_orbax(record) -> bool:
 
 def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdir: str | None, *,
             configs_dir: str, workdir_prefix: str = "") -> None:
-  """A job's main(): checks the config file and the accelerator, then `run(config, workdir)`; a user
+  """A job's main(): checks the config file, then `run(config, workdir)`; a user
   error (config, data, checkpoints) ends with its one-line message and no traceback.
 
   `workdir` defaults to runs/<workdir_prefix><config file's name>.
@@ -50,14 +50,6 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
     sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
   name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
-  try:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.devices()  # start the backend now: a missing GPU is one line, not a traceback from deep inside
-  except (RuntimeError, AssertionError) as e:
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    sys.exit(f"error: JAX could not start its {platforms or 'default'} backend ({type(e).__name__}: "
-             f"{str(e).splitlines()[0] if str(e) else ''}). Is a GPU/TPU visible to this process? "
-             "To run on the CPU, unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu).")
   try:
     run(config_flag.value, workdir)
   except UserError as e:

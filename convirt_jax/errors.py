@@ -40,3 +40,7 @@ class DiskFull(UserError, OSError):
 class NothingToEvaluate(UserError, ValueError):
   """An evaluation the data cannot support (e.g. a label with one class in the test split): the
   evaluation is skipped and the reason reported; the run is never lost for it."""
+
+
+class AcceleratorUnavailable(UserError, RuntimeError):
+  """The platform asked for (JAX_PLATFORMS) has no usable device on this machine."""

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from convirt_jax.errors import ConfigError
+from convirt_jax.errors import AcceleratorUnavailable, ConfigError
 
 DATA_AXIS = "data"
 
@@ -62,16 +62,31 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
           f"distributed.coordinator_address={address!r} needs distributed.num_processes >= 1 and "
           f"0 <= distributed.process_id < num_processes; got {num_processes} and {process_id}")
     if num_processes == 1:
+      _start_backend()
       return False
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                                process_id=process_id)
   elif _slurm_task_count() > 1 or _on_multi_host_tpu():
     jax.distributed.initialize()
   else:
+    _start_backend()
     return False
+  _start_backend()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _start_backend() -> None:
+  """Starts the devices now (after jax.distributed): a missing GPU/TPU is one line, not a traceback."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    raise AcceleratorUnavailable(
+        f"JAX could not start its {platforms or 'default'} backend ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). Is a GPU/TPU visible to this process? To run on "
+        "the CPU, unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu).") from None
 
 
 def is_main_process() -> bool:

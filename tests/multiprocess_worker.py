@@ -60,12 +60,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.model.projection_hidden = 24
   config.data.image_size = IMAGE_SIZE
   config.train.batch_size = GLOBAL_BATCH
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -26,11 +26,10 @@ def tfds_dir(tmp_path_factory):
 
 
 def tiny(tfds_dir, **overrides):
+  """tests/tiny_config.py with overrides given as section__key=value (for --config.section.key=value)."""
   config = tiny_config.get_config()
   config.data.tfds_dir = tfds_dir
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    config[section][name] = value
+  config.update_from_flattened_dict({key.replace("__", "."): value for key, value in overrides.items()})
   return config
 
 

@@ -466,12 +466,7 @@ def test_loading_each_encoder_kind(convirt_dir, root, caplog):
 
 def _bad(root, convirt_dir, **changes):
   config = tiny_transfer_config(root, (convirt_dir, "random"))
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict({key.replace("__", "."): value for key, value in changes.items()})
   return config
 
 

@@ -352,7 +352,7 @@ def restore_variables(workdir: str, step: int) -> dict[str, Any]:
     if missing:
       raise CheckpointError(f"the checkpoint at step {step} in {reader.directory} has no {missing}: "
                             "it was not written by convirt_jax")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process its own copy
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             {"params": tree["params"], "batch_stats": tree["batch_stats"]})
     args = ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
