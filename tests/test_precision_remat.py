@@ -29,12 +29,7 @@ def _config(**overrides):
   c.model.projection_dim = 16
   c.model.projection_hidden = 32
   c.train.precision = "float32"
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

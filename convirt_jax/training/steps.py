@@ -60,8 +60,8 @@ def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, r
        respect to this device's embeddings (only [rows, projection_dim] each);
     3. every micro-batch is embedded again under jax.vjp, pulled back with its slice of that gradient,
        and the parameter gradients accumulate (per device; one psum at the end).
-  Micro-batch c gets the dropout key fold_in(rng, c) in both passes, so pass 3 recomputes exactly the
-  activations of pass 1. Frozen parameters are closed over, not differentiated (zero gradient, as the
+  Micro-batch c gets the dropout key fold_in(rng, c) in parts 1 and 3, so part 3 recomputes exactly the
+  activations of part 1. Frozen parameters are closed over, not differentiated (zero gradient, as the
   plain step's stop_gradient gives).
 
   What it equals. With model.image.batch_norm="frozen" (and no dropout, or up to the dropout masks): the
@@ -70,8 +70,9 @@ def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, r
   [c*m, (c+1)*m) of every device's shard (m = microbatch_size; synced over the axis as usual); the
   loss, metrics and gradient are those of the whole global batch embedded that way (gradient through
   the batch statistics included); the running averages are updated once per micro-batch, in order
-  c = 0 .. b/m - 1, from pass 1 only: they equal what b/m plain steps over the global micro-batches
-  0, 1, ... in turn would leave (the momentum is applied b/m times per step).
+  c = 0 .. b/m - 1, by part 1 only: they equal what b/m training-mode forward passes of the plain step
+  over the global micro-batches 0, 1, ... in turn, with this step's parameters, would leave (so the
+  momentum is applied b/m times per step).
   """
   rows = inputs["input_ids"].shape[0]
   if rows % microbatch_size:
