@@ -10,6 +10,7 @@ projections, or with `project=False` the encoders' pooled features (2048 for Res
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from convirt_jax.cli import quiet_orbax
 from convirt_jax.data.augment import eval_transform
 from convirt_jax.evaluate.features import jitted_encoders
 from convirt_jax.errors import CheckpointError
@@ -25,6 +27,10 @@ from convirt_jax.models.bert import BertConfig
 from convirt_jax.models.convirt import ConVIRTModel, build_model
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints
+
+
+# Reading a checkpoint read-only makes orbax warn about what it is not asked to restore: noise for users.
+std_logging.getLogger("absl").addFilter(quiet_orbax)
 
 
 class ConVIRT:

@@ -107,7 +107,7 @@ def save_torchvision_resnet(variables: Variables, path: str | os.PathLike) -> No
     safetensors.numpy.save_file(state, str(path))
   else:
     import torch  # pylint: disable=g-import-not-at-top
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, path)  # writable copies
 
 
 def _as_numpy(key: str, value: Any) -> np.ndarray:
