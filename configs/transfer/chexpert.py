@@ -25,31 +25,11 @@ marked "assumed" there and here. The linear protocol fits the same linear model 
 layer on frozen pooled features) to its optimum by L-BFGS, the L2 strength picked on validation
 (`transfer_job._Job.linear` says why), rather than by Adam for a number of epochs.
 """
-from convirt_jax.transfer_config import transfer_config
+from convirt_jax.transfer_config import paper_protocol
 
 
 def get_config():
-  c = transfer_config()
-  c.encoders = ("runs/mimic", "imagenet", "random")
-  c.protocols = ("linear", "finetune")
-  c.fractions = (0.01, 0.1, 1.0)     # the paper's 1% / 10% / 100% (§4, Table 1)
-  c.seeds = (0, 1, 2, 3, 4)          # the paper averages 5 runs
-  c.data.name = "chexpert"
-  c.data.dir = ""                    # required: --config.data.dir=DOWNLOAD_DIR
-  c.data.task = "multilabel"         # five binary labels, mean AUC (the paper's metric for CheXpert)
-  c.data.frontal_only = False        # all views: the paper's split sizes count the lateral ones (above)
-  c.data.uncertainty = "zeros"       # assumed (U-Zeros)
-  c.data.image_size = 224            # the paper's input size (a ConVIRT workdir's own size wins)
-  c.data.stored_size = 256
-
-  # Linear protocol: L-BFGS logistic regression, C picked on the validation split (transfer_config).
-  c.linear.c_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-  c.linear.max_iter = 1000
-  # Fine-tuning: Adam (PyTorch semantics), early stopping on the validation AUC (transfer_config).
-  c.finetune.lr = 1e-4               # assumed: the paper's Adam learning rate (pretraining's, 1e-4)
-  c.finetune.weight_decay = 1e-6     # assumed: the paper's Adam weight decay (pretraining's, 1e-6)
-  c.finetune.batch_size = 64         # assumed
-  c.finetune.epochs = 50.0           # assumed: an upper bound; early stopping ends runs
-  c.finetune.eval_every_steps = 100  # assumed
-  c.finetune.patience = 10           # assumed
+  c = paper_protocol("chexpert", task="multilabel")  # five binary labels, mean AUC (the paper's metric)
+  c.data.frontal_only = False  # all views: the paper's split sizes count the lateral ones (above)
+  c.data.uncertainty = "zeros"  # assumed (U-Zeros)
   return c
