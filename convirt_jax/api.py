@@ -52,12 +52,8 @@ class ConVIRT:
     if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
       raise CheckpointError(f"{workdir} is not a convirt_jax pretraining workdir: it has no checkpoints/ "
                             f"(train first: python -m convirt_jax.main --config=... --workdir={workdir})")
-    manager = checkpoints.make_manager(workdir, read_only=True)
-    try:
-      step = checkpoints.resolve_step(manager, checkpoint)
-      config = ml_collections.ConfigDict(checkpoints.restore_meta(manager, step)["config"])
-    finally:
-      manager.close()
+    step, meta = checkpoints.chosen_step(workdir, checkpoint)
+    config = ml_collections.ConfigDict(meta["config"])
     text_config = BertConfig.from_json_file(os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE))
     tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, checkpoints.TOKENIZER_DIR),
                                           max_length=config.model.text.max_length)

@@ -5,7 +5,6 @@
 `main.py` calls `run`. Everything reusable (state, optimizer, steps, checkpoints, logging) is in
 `convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
 """
-import json
 import os
 import shutil
 from typing import Any
@@ -70,7 +69,7 @@ def _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_st
     if "linear_probe" in config.evals and dataset.label_names:
       # Known now, not after hours of training: the evaluation will skip these (and say so again).
       for label, reason in datasets.unscorable_labels(dataset).items():
-        _announce(f"note: the linear probe cannot score {label!r}: {reason}")
+        metric_logging.announce(f"note: the linear probe cannot score {label!r}: {reason}")
   except UserError:
     if created and parallel.is_main_process():
       shutil.rmtree(workdir, ignore_errors=True)  # a failed first command leaves no empty workdir
@@ -116,7 +115,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   image_size, text_length = config.data.image_size, config.model.text.max_length
   shapes = state_lib.param_shapes(model, image_size, text_length)
   optimizer = optimizer_lib.make_optimizer(config, shapes, steps_total)
-  _announce(optimizer_lib.describe_parameters(shapes, config.model.text.frozen_layers))
+  metric_logging.announce(optimizer_lib.describe_parameters(shapes, config.model.text.frozen_layers))
 
   state = state_lib.init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size,
                                      text_length, params_override=pretrained)
@@ -127,10 +126,10 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   if resume_step:
     # The newest step that reads back: an unreadable one is named, skipped and set aside.
     resume_step, state, _ = checkpoints.restore_newest(manager, checkpoints.abstract_like(state),
-                                                       data_iterator=train_iter, announce=_announce)
-    _announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
+                                                       data_iterator=train_iter, announce=metric_logging.announce)
+    metric_logging.announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
   elif is_main:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   train_step = steps_lib.make_train_step(model, optimizer, config, mesh)
   eval_step = steps_lib.make_eval_step(model, config, mesh)
@@ -169,7 +168,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
                          meta={"config": config.to_dict(), "step": step},
                          metrics={best_key: val_metrics[best_key]} if best_key in val_metrics else None)
       if stopping and not last:
-        _announce(f"Preempted: saved step {step}; run the same command to resume.")
+        metric_logging.announce(f"Preempted: saved step {step}; run the same command to resume.")
         return {}
   finally:
     bar.close()
@@ -179,12 +178,12 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
     plots.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
   manager.wait_until_finished()
   evaluated_step = checkpoints.resolve_step(manager, "best")
-  _announce(f"Evaluating the best checkpoint by {config.checkpoint.keep_best_metric} (step "
+  metric_logging.announce(f"Evaluating the best checkpoint by {config.checkpoint.keep_best_metric} (step "
             f"{evaluated_step}): {', '.join(config.evals)}...")
   results = evaluate_downstream(config, workdir, model, pretrained, evaluated_step, dataset, tokenizer,
                                 mesh, steps_total)
   logger.close()
-  _announce(f"\n{results_lib.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
+  metric_logging.announce(f"\n{results_lib.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
   return results
 
 
@@ -229,7 +228,7 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
     raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
                       f"max_position_embeddings={text_config.max_position_embeddings}")
   if parallel.is_main_process():
-    _write_json(text_config_path, text_config.to_dict())
+    metric_logging.write_json(text_config_path, text_config.to_dict())
   return tokenizer, text_config, text_params
 
 
@@ -301,21 +300,6 @@ def _check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, w
   flatten = lambda tree: flax.traverse_util.flatten_dict(tree, sep=".")
   old, new = flatten(saved), flatten(config.to_dict())
   for key in sorted(new):
-    if key.startswith(_RESUME_KEYS) and _jsonable(old.get(key)) != _jsonable(new[key]):
+    if key.startswith(_RESUME_KEYS) and metric_logging.jsonable(old.get(key)) != metric_logging.jsonable(new[key]):
       raise ConfigError(f"{workdir} holds a run with config.{key}={old.get(key)!r}, this config has "
                         f"{new[key]!r}: use another --workdir, or the same config to resume")
-
-
-def _jsonable(value):
-  return json.loads(json.dumps(value, default=str))
-
-
-def _announce(message: str) -> None:
-  if parallel.is_main_process():
-    print(message, flush=True)
-
-
-def _write_json(path: str, value: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2, default=str)
-

@@ -87,13 +87,8 @@ def _convirt_encoder(spec: str) -> Encoder:
   if not os.path.isdir(checkpoints.checkpoint_dir(path)):
     raise CheckpointError(f"config.encoders has {spec!r}: {path} is not a ConVIRT workdir (it has no "
                           f"checkpoints/; make one with {pretrain_command(path)})")
-  manager = checkpoints.make_manager(path, read_only=True)
-  try:
-    # "best" falls back to the latest step, with a warning, when no kept step has a validation loss.
-    step = checkpoints.resolve_step(manager, which)
-    meta = checkpoints.restore_meta(manager, step)
-  finally:
-    manager.close()
+  # "best" falls back to the latest step, with a warning, when no kept step has a validation loss.
+  step, meta = checkpoints.chosen_step(path, which)
   if not os.path.isfile(os.path.join(path, checkpoints.TEXT_CONFIG_FILE)):
     raise CheckpointError(f"config.encoders has {spec!r}: {path} lacks {checkpoints.TEXT_CONFIG_FILE}; it "
                           "was not written by the pretraining job")

@@ -90,7 +90,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   subsets = finetune.training_subsets(train_labels, label_names, config.fractions, config.seeds,
                                       config.min_train)
   if parallel.is_main_process():
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   model = classifier_model(config, arch, len(label_names))
   job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
@@ -109,7 +109,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
                                                            "patience")},
               "devices": jax.device_count(), "processes": jax.process_count()},
       "methods": {e.name: {} for e in encoders}}
-  _announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "
+  metric_logging.announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "
             f"validation {len(dataset.sources.get('validation', ()))} / test {len(dataset.sources['test'])}) "
             f"of {', '.join(e.name for e in encoders)} ({arch.describe()}): {', '.join(protocols)}")
   for encoder in encoders:
@@ -123,10 +123,10 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
       job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
       job.write()
   if "finetune" in protocols and not job.finetune_all():
-    _announce("Preempted: fine-tuning stopped at a checkpoint; run the same command to resume.")
+    metric_logging.announce("Preempted: fine-tuning stopped at a checkpoint; run the same command to resume.")
     return {}
   job.write(plot=True)
-  _announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
+  metric_logging.announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
             f"Results, metrics and {CURVES_PNG} are in {workdir} ({time.monotonic() - start:.0f} s)")
   return job.results
 
@@ -138,7 +138,7 @@ def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
     job.encoder_variables(encoder)
   if parallel.is_main_process():
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   job.results = {
       "dataset": chexpert_retrieval.TITLE,
       "run": {"workdir": workdir, "data": config.data.dir, "retrieval": config.retrieval.dir,
@@ -147,12 +147,12 @@ def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
               "protocols": ["retrieval"], "devices": jax.device_count(), "processes": jax.process_count()},
       "methods": {e.name: {} for e in encoders}}
   sizes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in retrieval_set.describe().items())
-  _announce(f"{chexpert_retrieval.TITLE} ({sizes}) of {', '.join(e.name for e in encoders)} "
+  metric_logging.announce(f"{chexpert_retrieval.TITLE} ({sizes}) of {', '.join(e.name for e in encoders)} "
             f"({arch.describe()})")
   for encoder in encoders:
     job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
     job.write()
-  _announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
+  metric_logging.announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
             f"Results are in {workdir} ({time.monotonic() - start:.0f} s)")
   return job.results
 
@@ -227,16 +227,16 @@ class _Job:
 
   def _cached(self, protocol: str, encoder, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
     path = os.path.join(self.workdir, protocol, f"{encoder.slug}.json")
-    settings = _jsonable(settings)
+    settings = metric_logging.jsonable(settings)
     if os.path.isfile(path):
       with open(path) as f:
         saved = json.load(f)
       if saved.get("settings") == settings:
         return saved["result"]
-    result = _jsonable(results_lib.to_json_ready(compute()))
+    result = metric_logging.jsonable(results_lib.to_json_ready(compute()))
     if parallel.is_main_process():
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      _write_json(path, {"settings": settings, "result": result})
+      metric_logging.write_json(path, {"settings": settings, "result": result})
     return result
 
   def linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class _Job:
     return self._cached("linear", encoder, settings, lambda: self._linear(encoder))
 
   def _linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
-    _announce(f"Linear protocol: {encoder.name}...")
+    metric_logging.announce(f"Linear protocol: {encoder.name}...")
     variables = parallel.replicate(
         finetune.classifier_variables(self.model, self.encoder_variables(encoder), seed=0), self.mesh)
     features_fn = classifier_steps.make_predict_fn(self.model, self.mesh, features=True)
@@ -279,7 +279,7 @@ class _Job:
 
   def _zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
     from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
-    _announce(f"Zero-shot protocol: {encoder.name}...")
+    metric_logging.announce(f"Zero-shot protocol: {encoder.name}...")
     convirt = ConVIRT.load(encoder.path, encoder.step)
     embedder = features_lib.Embedder(convirt.model, convirt.variables, self.mesh)
     test = embedder.split(self.dataset.sources["test"], None, self.config, with_text=False)
@@ -298,7 +298,7 @@ class _Job:
                 "k": list(self.config.retrieval.k)}
 
     def compute():
-      _announce(f"Retrieval protocol: {encoder.name}...")
+      metric_logging.announce(f"Retrieval protocol: {encoder.name}...")
       return chexpert_retrieval.evaluate_encoder(encoder, self.encoder_variables(encoder), self.model,
                                                  retrieval_set, self.config, self.mesh)
     return self._cached("retrieval", encoder, settings, compute)
@@ -316,7 +316,7 @@ class _Job:
     done = [finetune.completed_steps(r) for r in ordered]
     resume = next((offsets[r.directory] + d for r, d in zip(ordered, done) if d < r.steps), total)
     is_main = parallel.is_main_process()
-    _announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
+    metric_logging.announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
               f"({sum(done)} done), batch {config.finetune.batch_size}, lr {config.finetune.lr:g}")
     logger = metric_logging.MetricLogger(self.workdir, enabled=is_main, resume_step=resume)
     bar = metric_logging.progress_bar(total, sum(done), is_main, desc="fine-tune")
@@ -350,19 +350,3 @@ class _Job:
     methods = self.results["methods"]
     if plot and any(p in e for e in methods.values() for p in ("linear", "finetune", "zeroshot")):
       plots.plot_transfer_curves(self.results, os.path.join(self.workdir, CURVES_PNG))
-
-
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))
-
-
-def _announce(message: str) -> None:
-  if parallel.is_main_process():
-    print(message, flush=True)
-
-
-def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, default=str)
-  os.replace(tmp, path)

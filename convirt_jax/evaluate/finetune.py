@@ -41,6 +41,7 @@ from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.models.resnet import resnet_features_dim
 from convirt_jax.training import checkpoints
 from convirt_jax.training import classifier_steps
+from convirt_jax.training import metric_logging
 from convirt_jax.training import optimizer as optimizer_lib
 from convirt_jax.training import preemption
 from convirt_jax.training import state as state_lib
@@ -170,12 +171,10 @@ def completed_steps(run: Run) -> int:
     reader.close()
 
 
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))
 
 
 def _check_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], directory: str) -> None:
-  saved, settings = _jsonable(saved), _jsonable(settings)
+  saved, settings = metric_logging.jsonable(saved), metric_logging.jsonable(settings)
   for key in sorted(set(saved) | set(settings)):
     if saved.get(key) != settings.get(key):
       raise ConfigError(f"{directory} holds a fine-tuning run with {key}={saved.get(key)!r}; this config "
@@ -271,10 +270,7 @@ class Finetuner:
     finally:
       manager.close()
     if result is not None and jax.process_index() == 0:
-      tmp = result_path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(_jsonable({"settings": settings, "result": result}), f, indent=2)
-      os.replace(tmp, result_path)
+      metric_logging.write_json(result_path, {"settings": settings, "result": result})
     return result
 
   def _train(self, run: Run, encoder, settings, manager) -> dict[str, Any] | None:

@@ -257,11 +257,16 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tup
   """Writes workdir/results.json and workdir/results.md; returns their paths."""
   ready = to_json_ready(results)
   validate_results(ready)
+  return _write_json_and_markdown(workdir, ready, results_markdown(ready))
+
+
+def _write_json_and_markdown(workdir: str | os.PathLike, ready: Mapping[str, Any],
+                             markdown: str) -> tuple[str, str]:
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   json_path, md_path = workdir / "results.json", workdir / "results.md"
   _write_text(json_path, json.dumps(ready, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-  _write_text(md_path, results_markdown(ready))
+  _write_text(md_path, markdown)
   return os.fspath(json_path), os.fspath(md_path)
 
 
@@ -387,9 +392,4 @@ def write_transfer_results(workdir: str | os.PathLike, results: Mapping[str, Any
   """Writes workdir/results.json and workdir/results.md of the transfer job; returns their paths."""
   ready = to_json_ready(results)
   validate_transfer_results(ready)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  json_path, md_path = workdir / "results.json", workdir / "results.md"
-  _write_text(json_path, json.dumps(ready, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-  _write_text(md_path, transfer_markdown(ready))
-  return os.fspath(json_path), os.fspath(md_path)
+  return _write_json_and_markdown(workdir, ready, transfer_markdown(ready))

@@ -310,6 +310,16 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def chosen_step(workdir: str, which: str | int) -> tuple[int, dict[str, Any]]:
+  """(step, meta) of the checkpoint of `workdir` that `which` names (see `resolve_step`), read-only."""
+  manager = make_manager(workdir, read_only=True)
+  try:
+    step = resolve_step(manager, which)
+    return step, restore_meta(manager, step)
+  finally:
+    manager.close()
+
+
 def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   """The step that `which` names: "best" (lowest validation metric; the latest step, with a warning,
   when no kept step has one), "latest" / "last", or a step number (int or digits)."""

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any, Mapping
 
+import jax
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,3 +83,23 @@ def _to_python(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep the fact visible
   return value
+
+
+def announce(message: str) -> None:
+  """Prints a line for the user, once: on process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def jsonable(value: Any) -> Any:
+  """`value` as JSON reads it back (tuples become lists, unknown objects strings): what a saved config
+  is compared with."""
+  return json.loads(json.dumps(value, default=str))
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` beside `path` and moves it into place: a killed job never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, default=str)
+  os.replace(tmp, path)
