@@ -14,3 +14,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the same programs, and a cache hit is the same executable (numbers are unchanged).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="convirt_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import pytest  # noqa: E402  (after the environment above: pytest plugins may import jax)
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+  """One directory for the tiny synthetic data set (built on first use, keyed by its config)."""
+  return str(tmp_path_factory.mktemp("tiny_tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tfds_dir):
+  """(workdir, results) of one finished tiny pretraining run (6 steps, warm-up + cosine, every
+  evaluation), shared by the tests that only read a finished run (test_main, test_api_export): they
+  must not write into it."""
+  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  results = pretrain.run(tiny_config.cosine(tiny_tfds_dir), workdir)
+  return workdir, results

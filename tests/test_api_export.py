@@ -1,4 +1,5 @@
 """ConVIRT.load / encode_* and the PyTorch export: the exported files reproduce the embeddings in torch."""
+import json
 import os
 import re
 import subprocess
@@ -7,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from convirt_jax import ConVIRT, export, pretrain
+from convirt_jax import ConVIRT, export
 from convirt_jax.errors import CheckpointError
-import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["Moderate left pleural effusion.", "No acute cardiopulmonary process.",
@@ -17,20 +17,18 @@ TEXTS = ["Moderate left pleural effusion.", "No acute cardiopulmonary process.",
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A short run of the embedded default's model and schedule, shrunk: a quarter-width ResNet18 (not a
-  torchvision preset, so the export builds it), a 2-layer BERT, warm-up + cosine (the schedule that
-  once broke loading)."""
-  config = tiny_config.get_config()
-  config.data.tfds_dir = str(tmp_path_factory.mktemp("tfds"))
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 1
-  config.train.steps = 2
-  config.eval.every_steps = 2
-  config.eval.random_init_baseline = False
-  path = str(tmp_path_factory.mktemp("run"))
-  pretrain.run(config, path)
-  return path
+def workdir(tiny_run):
+  """The session's shared finished run (conftest.py): the embedded default's model and schedule,
+  shrunk: a quarter-width ResNet18 (not a torchvision preset, so the export builds it), a 2-layer BERT,
+  warm-up + cosine (the schedule that once broke loading), 6 steps. Read here, never written."""
+  return tiny_run[0]
+
+
+def _best_step(workdir):
+  """The step of the lowest validation loss in metrics.jsonl (the run validated at steps 3 and 6)."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if "val/loss" in line]
+  assert sorted(r["step"] for r in rows) == [3, 6]
+  return min(rows, key=lambda r: r["val/loss"])["step"]
 
 
 def _images(n=3, seed=0):
@@ -40,9 +38,12 @@ def _images(n=3, seed=0):
 
 def test_load_and_encode(workdir):
   model = ConVIRT.load(workdir)
-  assert model.step == 2
-  for name in ("best", "latest", "last", "LAST", 2, "2"):
-    assert ConVIRT.load(workdir, name).step == 2
+  best = _best_step(workdir)
+  assert model.step == best
+  assert ConVIRT.load(workdir, "best").step == best
+  for name in ("latest", "last", "LAST", 6, "6"):
+    assert ConVIRT.load(workdir, name).step == 6
+  assert ConVIRT.load(workdir, 4).step == 4
   v = model.encode_images(_images())
   u = model.encode_texts(TEXTS)
   assert v.shape == (3, 16) and u.shape == (4, 16)

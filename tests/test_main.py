@@ -20,28 +20,18 @@ TINY = os.path.join(REPO, "tests", "tiny_config.py")
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+def tfds_dir(tiny_tfds_dir):
+  return tiny_tfds_dir
 
 
-def tiny(tfds_dir, **overrides):
-  """tests/tiny_config.py with overrides given as section__key=value (for --config.section.key=value)."""
-  config = tiny_config.get_config()
-  config.data.tfds_dir = tfds_dir
-  config.update_from_flattened_dict({key.replace("__", "."): value for key, value in overrides.items()})
-  return config
-
-
-def cosine(tfds_dir, **overrides):
-  """The embedded default's schedule (linear warm-up, then cosine decay), shrunk to the tiny run."""
-  return tiny(tfds_dir, optimizer__schedule="cosine", optimizer__warmup_steps=2, **overrides)
+tiny = tiny_config.tiny
+cosine = tiny_config.cosine
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tfds_dir):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  results = pretrain.run(cosine(tfds_dir), workdir)
-  return workdir, results
+def finished_run(tiny_run):
+  """The session's shared run of cosine(tfds_dir): read here, never written."""
+  return tiny_run
 
 
 def final_params(workdir):
@@ -149,7 +139,7 @@ def plateau(tfds_dir):
   return tiny(tfds_dir, optimizer__schedule="plateau", optimizer__plateau_patience=1,
               optimizer__plateau_factor=0.5, eval__every_steps=2, checkpoint__every_steps=2,
               checkpoint__keep=1, train__log_every_steps=1, train__steps=8,
-              eval__random_init_baseline=False, evals__linear_probe__fractions=(1.0,))
+              eval__random_init_baseline=False, evals={})  # results.json still names the step
 
 
 def test_plateau_schedule_resumes_exactly_and_the_best_checkpoint_is_kept(tmp_path, tfds_dir,
@@ -238,7 +228,8 @@ def test_a_run_starts_from_the_weight_files_and_keeps_frozen_layers(tmp_path, tf
   resnet = ResNet(depth=18, width=0.25).init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
   resnet["batch_stats"] = jax.tree.map(lambda x: x * 1.1, resnet["batch_stats"])  # not the defaults
   save_torchvision_resnet(resnet, str(tmp_path / "resnet18.safetensors"))
-  config = tiny(tfds_dir, train__steps=2, eval__every_steps=2)
+  # No validation loss (nothing here reads it): the evaluation takes the latest step, 2.
+  config = tiny(tfds_dir, train__steps=2, eval__every_steps=1000)
   config.model.image.init_from = str(tmp_path / "resnet18.safetensors")
   config.model.text.init_from = minilm
   config.model.text.tokenizer = ""

@@ -23,7 +23,11 @@ def _free_port() -> int:
 def test_two_processes_run_the_job_to_the_end(tmp_path):
   workdir = tmp_path / "run"
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  # 2 simulated devices each, built with XLA's cheapest optimisation level (as test_faults.py's jobs):
+  # compiling is most of this test's time, and no number here is compared with another compilation's.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                       "--xla_llvm_disable_expensive_passes=true")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "convirt_jax.main", f"--config={TINY}", f"--workdir={workdir}",
        "--config.train.steps=4", "--config.eval.every_steps=2",

@@ -43,3 +43,18 @@ def get_config():
   c.evals.linear_probe.c_grid = (1.0,)
   c.evals.retrieval.k = (5, 10)
   return c
+
+
+def tiny(tfds_dir, **overrides):
+  """get_config() with data.tfds_dir and overrides given as section__key=value (for
+  --config.section.key=value)."""
+  config = get_config()
+  config.data.tfds_dir = tfds_dir
+  config.update_from_flattened_dict({key.replace("__", "."): value for key, value in overrides.items()})
+  return config
+
+
+def cosine(tfds_dir, **overrides):
+  """The embedded default's schedule (linear warm-up, then cosine decay), shrunk to the tiny run: the
+  config of the shared finished run (conftest.py's tiny_run)."""
+  return tiny(tfds_dir, optimizer__schedule="cosine", optimizer__warmup_steps=2, **overrides)
