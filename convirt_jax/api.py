@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from convirt_jax import storage
 from convirt_jax.cli import quiet_orbax
 from convirt_jax.data.augment import eval_transform
 from convirt_jax.evaluate.features import jitted_encoders
@@ -49,14 +50,16 @@ class ConVIRT:
   def load(cls, workdir: str, checkpoint: str | int = "best") -> "ConVIRT":
     """Loads a checkpoint of a pretraining run: "best" (lowest validation loss, the default; the latest
     when no checkpoint has one), "latest" (or "last"), or a step number."""
-    if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    workdir = storage.check(workdir, "workdir")
+    if not storage.path(checkpoints.checkpoint_dir(workdir)).is_dir():
       raise CheckpointError(f"{workdir} is not a convirt_jax pretraining workdir: it has no checkpoints/ "
                             f"(train first: python -m convirt_jax.main --config=... --workdir={workdir})")
     step, meta = checkpoints.chosen_step(workdir, checkpoint)
     config = ml_collections.ConfigDict(meta["config"])
-    text_config = BertConfig.from_json_file(os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE))
-    tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, checkpoints.TOKENIZER_DIR),
-                                          max_length=config.model.text.max_length)
+    text_config = BertConfig.from_dict(
+        storage.read_json(os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)))
+    with storage.local_copy(os.path.join(workdir, checkpoints.TOKENIZER_DIR)) as tokenizer_dir:
+      tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=config.model.text.max_length)
     model = build_model(config, text_config)
     variables = checkpoints.restore_variables(workdir, step)
     return cls(config, model, variables, tokenizer, text_config, step)

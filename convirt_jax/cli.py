@@ -51,6 +51,10 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
   name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
   try:
+    from convirt_jax import storage  # pylint: disable=g-import-not-at-top
+    # Said before the job's heavy imports (the job checks again, for callers of its run()).
+    storage.check(workdir, "--workdir")
+    storage.check(config_flag.value.data.get("tfds_dir", ""), "--config.data.tfds_dir")
     run(config_flag.value, workdir)
   except UserError as e:
     sys.exit(f"error: {e}")

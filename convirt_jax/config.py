@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.frontal_views = ("PA", "AP")  # MIMIC ViewPosition values kept when frontal_only
   c.data.strict = False               # stop on the first bad record instead of skipping it
   c.data.whole_report = False         # True: the whole findings+impression instead of one random sentence
+  # What an epoch of training draws once: "image" (a record) or "study" (MIMIC-CXR: a report, with one of
+  # its study's images drawn each time, the paper's image-text pair).
+  c.data.unit = "image"
   c.data.min_sentence_tokens = 3
   c.data.num_threads = 2              # grain read/map threads per process
   c.data.worker_count = 0             # grain worker processes (0 = in-process threads)
@@ -110,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient accumulation elsewhere); use model.image.batch_norm="frozen" for an exact equivalence.
   c.train.microbatch_size = 0
   c.train.log_every_steps = 10
+  # Stop after this many validation evaluations without a new best checkpoint.keep_best_metric (0 = never).
+  c.train.stop_patience = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4
@@ -154,6 +159,7 @@ _CHOICES = {
     "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
     "data.uncertainty": ("zeros", "ones", "ignore"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
+    "data.unit": ("image", "study"),
     "model.image.depth": (18, 34, 50, 101),
     "model.text.pooling": ("max", "mean", "cls"),
     "model.image.batch_norm": ("batch", "frozen"),
@@ -183,6 +189,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.microbatch_size and config.train.batch_size % config.train.microbatch_size:
     raise ConfigError(f"config.train.microbatch_size={config.train.microbatch_size} must divide the "
                       f"per-device batch, so also config.train.batch_size={config.train.batch_size}")
+  if config.data.unit == "study" and config.data.name != "mimic_cxr":
+    raise ConfigError(f"config.data.unit='study' needs a data set of studies (mimic_cxr), not "
+                      f"config.data.name={config.data.name!r}: use config.data.unit='image'")
+  if not isinstance(config.train.stop_patience, int) or config.train.stop_patience < 0:
+    raise ConfigError(f"config.train.stop_patience={config.train.stop_patience!r}: must be an integer >= 0 "
+                      "(validation evaluations without improvement; 0 = never stop early)")
   if config.train.steps <= 0 and config.train.epochs <= 0:
     raise ConfigError("config.train.steps and config.train.epochs are both 0: set one of them")
   if config.data.name == "csv" and not config.data.csv:

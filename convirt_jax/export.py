@@ -2,6 +2,8 @@
 
   python -m convirt_jax.export --workdir=runs/synthetic --output=exported [--checkpoint=best] [--overwrite]
 
+--workdir may be a gs:// run; --output is a local directory.
+
 Writes into --output (all at once: the files are written into a temporary directory beside it, which
 is renamed into place, so an interrupted export leaves no half-written output; an existing --output is
 only replaced with --overwrite):
@@ -201,6 +203,9 @@ def main(argv):
     raise SystemExit("error: export writes image_encoder.pt with PyTorch: pip install torch")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the one line that matters
+  from convirt_jax import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_remote(_OUTPUT.value):  # the workdir may be gs://; the export is renamed into place
+    raise SystemExit(f"error: --output={_OUTPUT.value}: give a local directory (copy it to a bucket after)")
   output = os.path.abspath(_OUTPUT.value)
   if os.path.exists(output) and not _OVERWRITE.value:
     raise SystemExit(f"error: --output={output} exists: choose another directory or pass --overwrite")

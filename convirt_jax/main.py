@@ -20,9 +20,13 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
+def run(config, workdir: str):
+  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top  (--help and errors stay instant)
+  return pretrain.run(config, workdir)
+
+
 def main(argv):
-  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top  (--help stays instant)
-  cli.run_job(argv, pretrain.run, _CONFIG, _WORKDIR.value, configs_dir="configs/")
+  cli.run_job(argv, run, _CONFIG, _WORKDIR.value, configs_dir="configs/")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 `main.py` calls `run`. Everything reusable (state, optimizer, steps, checkpoints, logging) is in
 `convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
 """
+import math
 import os
-import shutil
 from typing import Any
 
 import flax
@@ -16,6 +16,7 @@ import numpy as np
 
 from convirt_jax import config as config_lib
 from convirt_jax import parallel
+from convirt_jax import storage
 from convirt_jax.data import datasets, pipeline
 from convirt_jax.errors import ConfigError, DataError, TrainingDiverged, UserError
 from convirt_jax.evaluate import downstream, plots, results as results_lib
@@ -38,9 +39,8 @@ LOSS_CURVE_PNG = "loss_curve.png"
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains (or resumes), evaluates and writes everything into `workdir`; returns the results."""
   config_lib.validate(config)
-  if "://" in workdir:
-    raise ConfigError(f"--workdir={workdir}: give a filesystem path; for a bucket shared by several hosts, "
-                      "mount it (e.g. gcsfuse) at the same path on every host")
+  workdir = storage.check(workdir, "--workdir")
+  storage.check(config.data.tfds_dir, "--config.data.tfds_dir")
   parallel.initialize(config.distributed)
   mesh = parallel.make_mesh()
   local_batch = parallel.local_batch_size(config.train.batch_size, mesh)  # ConfigError if indivisible
@@ -51,8 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # The weights the config names are found (or fetched) before the long data build, not after it.
   text_dir = resolve_hf_dir(config.model.text.init_from) if config.model.text.init_from else ""
   pretrained_image = _pretrained_image(config)
-  created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  created = not storage.exists(workdir)
+  storage.makedirs(workdir)
   # One job per workdir: WorkdirBusy names the job holding it; the OS drops the lock when a job ends,
   # kill -9 included. Process 0 holds it for all the processes of a job.
   with workdir_lock.WorkdirLock(workdir, enabled=parallel.is_main_process()):
@@ -72,7 +72,7 @@ def _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_st
         metric_logging.announce(f"note: the linear probe cannot score {label!r}: {reason}")
   except UserError:
     if created and parallel.is_main_process():
-      shutil.rmtree(workdir, ignore_errors=True)  # a failed first command leaves no empty workdir
+      storage.rmtree(workdir)  # a failed first command leaves no empty workdir
     raise
   # Opened once the config and data are known good: its background threads must not outlive an error.
   manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep,
@@ -86,7 +86,7 @@ def _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_st
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
   """The step a run in `workdir` resumes from (0: a fresh run), after checking the configs agree."""
-  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+  if not storage.path(checkpoints.checkpoint_dir(workdir)).is_dir():
     return 0
   reader = checkpoints.make_manager(workdir, read_only=True)
   try:
@@ -111,7 +111,8 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   if text_params is not None:
     pretrained["params"]["text"] = text_params
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
-  steps_total = total_steps(config, len(dataset.sources["train"]))
+  study_sizes = datasets.study_sizes(dataset, "train") if config.data.unit == "study" else None
+  steps_total = total_steps(config, len(dataset.sources["train"]) if study_sizes is None else len(study_sizes))
   image_size, text_length = config.data.image_size, config.model.text.max_length
   shapes = state_lib.param_shapes(model, image_size, text_length)
   optimizer = optimizer_lib.make_optimizer(config, shapes, steps_total)
@@ -122,14 +123,14 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   state = parallel.replicate(state, mesh)
   train_iter = iter(pipeline.train_loader(
       dataset.sources["train"], tokenizer, config, local_batch_size=local_batch, seed=config.train.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count()))
+      shard_index=jax.process_index(), shard_count=jax.process_count(), study_sizes=study_sizes))
   if resume_step:
     # The newest step that reads back: an unreadable one is named, skipped and set aside.
     resume_step, state, _ = checkpoints.restore_newest(manager, checkpoints.abstract_like(state),
                                                        data_iterator=train_iter, announce=metric_logging.announce)
     metric_logging.announce(f"Resuming from step {resume_step} of {steps_total} in {workdir}")
   elif is_main:
-    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   train_step = steps_lib.make_train_step(model, optimizer, config, mesh)
   eval_step = steps_lib.make_eval_step(model, config, mesh)
@@ -138,8 +139,12 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   bar = metric_logging.progress_bar(steps_total, resume_step, enabled=is_main)
   window = []  # metrics since the last log, still on the devices
   step = resume_step
+  best = _best_so_far(manager, config)  # (value, step) of the best validation metric saved so far
+  stopped = _stop_early(config, step, best[1])  # a run that stopped early stays stopped when rerun
+  if stopped:
+    metric_logging.announce(f"The run in {workdir} stopped early at step {step} (best at step {best[1]}).")
   try:
-    while step < steps_total:
+    while step < steps_total and not stopped:
       state, metrics = train_step(state, parallel.shard_batch(steps_lib.model_inputs(next(train_iter)), mesh))
       step += 1
       window.append(metrics)
@@ -162,17 +167,26 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
           state["plateau"] = parallel.replicate(plateau, mesh)
           state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"],
                                                                config.optimizer.lr * scale)
+      best_key = config.checkpoint.keep_best_metric
       if save_now or val_metrics:
-        best_key = config.checkpoint.keep_best_metric
         checkpoints.save(manager, step, state, data_iterator=train_iter,
                          meta={"config": config.to_dict(), "step": step},
                          metrics={best_key: val_metrics[best_key]} if best_key in val_metrics else None)
+        logger.flush()  # a gs:// workdir's metrics.jsonl then covers every checkpointed step
+      if best_key in val_metrics:
+        if val_metrics[best_key] < best[0]:
+          best = (val_metrics[best_key], step)
+        stopped = _stop_early(config, step, best[1])
+        if stopped and not last:
+          metric_logging.announce(f"Stopped early at step {step}: {best_key} has not improved for "
+                                  f"{config.train.stop_patience} evaluations (best at step {best[1]}).")
       if stopping and not last:
         metric_logging.announce(f"Preempted: saved step {step}; run the same command to resume.")
         return {}
   finally:
     bar.close()
     preempted.restore()
+    logger.flush()
   if is_main:
     metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
     plots.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
@@ -186,6 +200,20 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   metric_logging.announce(f"\n{results_lib.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
   return results
 
+
+
+def _best_so_far(manager, config: ml_collections.ConfigDict) -> tuple[float, int | None]:
+  metric = config.checkpoint.keep_best_metric
+  step = checkpoints.best_step(manager, metric)
+  return (math.inf, None) if step is None else (float(manager.metrics(step)[metric]), step)
+
+
+def _stop_early(config: ml_collections.ConfigDict, step: int, best_step: int | None) -> bool:
+  """The stopping rule: train.stop_patience evaluations since the best one. Counted from steps, so a
+  resumed run decides exactly as the uninterrupted one."""
+  patience = config.train.stop_patience
+  return bool(patience and best_step is not None
+              and (step - best_step) // config.eval.every_steps >= patience)
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -206,7 +234,8 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
   tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
   text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
   if resuming:
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+    with storage.local_copy(tokenizer_dir) as local:
+      tokenizer = Tokenizer.from_pretrained(local, max_length=text.max_length)
   elif text.tokenizer == "corpus":
     train = dataset.sources["train"]
     texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
@@ -215,7 +244,8 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
     tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer) if text.tokenizer else text_dir,
                                           max_length=text.max_length)
   if parallel.is_main_process() and not resuming:
-    tokenizer.save(tokenizer_dir)
+    with storage.local_staging(tokenizer_dir) as local:  # tokenizers writes local files only
+      tokenizer.save(local)
   text_params = None
   if text_dir:
     text_config, text_params = load_hf_bert(text_dir)
@@ -228,7 +258,7 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
     raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
                       f"max_position_embeddings={text_config.max_position_embeddings}")
   if parallel.is_main_process():
-    metric_logging.write_json(text_config_path, text_config.to_dict())
+    storage.write_json(text_config_path, text_config.to_dict())
   return tokenizer, text_config, text_params
 
 
@@ -291,7 +321,7 @@ def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 # What a checkpoint's meaning depends on: resuming with another value would restore nonsense.
-_RESUME_KEYS = ("model", "loss", "data.name", "data.dir", "data.csv", "data.image_size",
+_RESUME_KEYS = ("model", "loss", "data.name", "data.dir", "data.csv", "data.unit", "data.frontal_only", "data.image_size",
                 "data.stored_size", "data.label_columns", "train.batch_size", "train.seed")
 
 

@@ -187,14 +187,5 @@ def paper_protocol(data_name: str, task: str) -> ml_collections.ConfigDict:
   c.data.task = task                 # the paper's metric follows: AUC, or accuracy for multiclass
   c.data.image_size = 224            # the paper's input size (a ConVIRT workdir's own size wins)
   c.data.stored_size = 256
-  # Linear protocol: L-BFGS logistic regression, C picked on the validation split.
-  c.linear.c_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-  c.linear.max_iter = 1000
-  # Fine-tuning: Adam (PyTorch semantics), early stopping on the validation metric.
-  c.finetune.lr = 1e-4               # assumed: the paper's Adam learning rate (pretraining's, 1e-4)
-  c.finetune.weight_decay = 1e-6     # assumed: the paper's Adam weight decay (pretraining's, 1e-6)
-  c.finetune.batch_size = 64         # assumed
-  c.finetune.epochs = 50.0           # assumed: an upper bound; early stopping ends runs
-  c.finetune.eval_every_steps = 100  # assumed
-  c.finetune.patience = 10           # assumed
+  # The linear and fine-tuning keys keep transfer_config()'s values, where each says its source.
   return c

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from convirt_jax import storage
 from convirt_jax.errors import CheckpointError, ConfigError
 from convirt_jax.models.resnet import ResNet
 from convirt_jax.training import checkpoints
@@ -81,15 +82,16 @@ def _split_spec(spec: str) -> tuple[str, str]:
 
 def _convirt_encoder(spec: str) -> Encoder:
   path, which = _split_spec(spec)
-  if not os.path.isdir(path):
+  path = storage.check(path, "config.encoders")
+  if not storage.path(path).is_dir():
     raise ConfigError(f"config.encoders has {spec!r}: not \"imagenet\", \"random\" or an existing ConVIRT "
                       f"workdir (make one with {pretrain_command(path)})")
-  if not os.path.isdir(checkpoints.checkpoint_dir(path)):
+  if not storage.path(checkpoints.checkpoint_dir(path)).is_dir():
     raise CheckpointError(f"config.encoders has {spec!r}: {path} is not a ConVIRT workdir (it has no "
                           f"checkpoints/; make one with {pretrain_command(path)})")
   # "best" falls back to the latest step, with a warning, when no kept step has a validation loss.
   step, meta = checkpoints.chosen_step(path, which)
-  if not os.path.isfile(os.path.join(path, checkpoints.TEXT_CONFIG_FILE)):
+  if not storage.exists(os.path.join(path, checkpoints.TEXT_CONFIG_FILE)):
     raise CheckpointError(f"config.encoders has {spec!r}: {path} lacks {checkpoints.TEXT_CONFIG_FILE}; it "
                           "was not written by the pretraining job")
   return Encoder(name="ConVIRT", slug="convirt", kind=CONVIRT, spec=spec, path=path, step=int(step),

@@ -16,7 +16,6 @@ Every protocol trains on the same subsets: `finetune.training_subsets` is the li
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -26,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from convirt_jax import parallel
+from convirt_jax import storage
 from convirt_jax import transfer_config
 from convirt_jax import transfer_encoders
 from convirt_jax.data import datasets
@@ -49,8 +49,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Transfers every encoder with every protocol; writes and returns the results ({} when preempted)."""
   start = time.monotonic()
   transfer_config.validate_transfer(config)
-  if "://" in workdir:
-    raise ConfigError(f"--workdir={workdir}: give a filesystem path (mount a bucket, e.g. with gcsfuse)")
+  workdir = storage.check(workdir, "--workdir")
+  storage.check(config.data.tfds_dir, "--config.data.tfds_dir")
   protocols = tuple(config.protocols)
   encoders = transfer_encoders.parse_encoders(config)
   if "zeroshot" in protocols and not any(e.is_convirt for e in encoders):
@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ConfigError(f"config.finetune.batch_size: {e}") from None
   # CheXpert 8x200 retrieval: its CSVs and every image they list are read (and checked) before any compile.
   retrieval_set = chexpert_retrieval.open_retrieval_set(config) if "retrieval" in protocols else None
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   # One job per workdir: a second one would interleave checkpoints and results with this one's.
   with workdir_lock.WorkdirLock(workdir, enabled=parallel.is_main_process()):
     if not set(protocols) - {"retrieval"}:  # retrieval alone: no classification set to build
@@ -90,7 +90,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   subsets = finetune.training_subsets(train_labels, label_names, config.fractions, config.seeds,
                                       config.min_train)
   if parallel.is_main_process():
-    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   model = classifier_model(config, arch, len(label_names))
   job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
@@ -138,7 +138,7 @@ def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
     job.encoder_variables(encoder)
   if parallel.is_main_process():
-    metric_logging.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   job.results = {
       "dataset": chexpert_retrieval.TITLE,
       "run": {"workdir": workdir, "data": config.data.dir, "retrieval": config.retrieval.dir,
@@ -228,15 +228,13 @@ class _Job:
   def _cached(self, protocol: str, encoder, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
     path = os.path.join(self.workdir, protocol, f"{encoder.slug}.json")
     settings = metric_logging.jsonable(settings)
-    if os.path.isfile(path):
-      with open(path) as f:
-        saved = json.load(f)
+    if storage.exists(path):
+      saved = storage.read_json(path)
       if saved.get("settings") == settings:
         return saved["result"]
     result = metric_logging.jsonable(results_lib.to_json_ready(compute()))
     if parallel.is_main_process():
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      metric_logging.write_json(path, {"settings": settings, "result": result})
+      storage.write_json(path, {"settings": settings, "result": result})
     return result
 
   def linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:

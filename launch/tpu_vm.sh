@@ -42,7 +42,9 @@ Options; each can also be given as the environment variable in brackets:
                                              (default: convirt_jax)
   --python-version=X.Y   [PYTHON_VERSION]    setup: the venv's Python, fetched by uv if absent (default: 3.11)
   --config=FILE          [CONFIG]            run: config file, relative to the code directory
-  --workdir=/gcs/...     [WORKDIR]           run: shared directory (e.g. gcsfuse mount) every worker uses
+  --workdir=gs://B/P     [WORKDIR]           run: the run's bucket path, gs://BUCKET/PATH, which every worker
+                                             reads and writes directly; or else an absolute path that every
+                                             worker shares, e.g. a gcsfuse mount of the bucket (/gcs/BUCKET/PATH)
   --attach               [ATTACH=1]          run: stay attached and stream the output instead of detaching
   --worker=N|all         [WORKER]            logs: which worker (default: 0)
   --follow                                   logs: keep following the log (tail -F)
@@ -53,7 +55,7 @@ Arguments of the form --config.KEY=VALUE, anywhere or after --, go to the progra
 
 Example:
   $SCRIPT_NAME create setup run --zone=us-central2-b --name=convirt-v4 --accelerator-type=v4-32 \\
-      --config=configs/mimic.py --workdir=/gcs/my-bucket/convirt/run1 --config.train.batch_size=256
+      --config=configs/mimic.py --workdir=gs://my-bucket/convirt/run1 --config.train.batch_size=256
 EOF
 }
 
@@ -212,11 +214,11 @@ cmd_setup() {
 
 cmd_run() {
   [[ -n $CONFIG ]] || die "CONFIG is not set (--config=configs/<name>.py)"
-  [[ -n $WORKDIR ]] || die "WORKDIR is not set (--workdir=/gcs/BUCKET/PATH)"
-  # Every worker writes checkpoints of the one global state: the workdir must be shared storage, mounted
-  # at the same absolute path on every worker (e.g. a Cloud Storage bucket through gcsfuse).
-  [[ $WORKDIR == /?* ]] ||
-    die "WORKDIR must be an absolute path on storage all workers share (e.g. a gcsfuse mount of a bucket, /gcs/BUCKET/PATH), got '$WORKDIR'"
+  [[ -n $WORKDIR ]] || die "WORKDIR is not set (--workdir=gs://BUCKET/PATH)"
+  # Every worker writes checkpoints of the one global state: the workdir must be shared storage, a
+  # bucket (gs://, read and written by the program itself) or a path mounted alike on every worker.
+  [[ $WORKDIR == gs://?* || $WORKDIR == /?* ]] ||
+    die "WORKDIR must be an absolute path on storage all workers share (a gcsfuse mount, /gcs/BUCKET/PATH) or gs://BUCKET/PATH, got '$WORKDIR'"
   local main
   main=$(join_quoted .venv/bin/python -m convirt_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     "${overrides[@]}")

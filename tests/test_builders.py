@@ -615,11 +615,28 @@ def test_mimic_reports_zip_and_gzipped_csvs_give_the_same_dataset(tmp_path):
     np.testing.assert_array_equal(a[record_id]["image"], b[record_id]["image"])
 
 
-def test_mimic_all_views_and_no_chexpert_file(tmp_path):
+def test_mimic_all_views_and_no_chexpert_file(tmp_path, capsys):
   root = _fake_mimic(tmp_path / "mimic", chexpert=False)
   dataset = datasets.load_dataset(_mimic_config(root, frontal_only=False), str(tmp_path / "tfds"))
   assert "p10/p10000032/s50000001/d02-lat.jpg" in fake_data.by_id(dataset)
   assert dataset.label_names == [] and dataset.sources["train"][0]["labels"].shape == (0,)
+  # Study s50000001 has a PA and a lateral image: its records are adjacent and counted as one study.
+  assert [r["id"] for r in fake_data.records(dataset.sources["train"])] == [
+      "p10/p10000032/s50000001/d01-pa.jpg", "p10/p10000032/s50000001/d02-lat.jpg",
+      "p10/p10000032/s50000002/d03-ap.jpg"]
+  assert datasets.study_sizes(dataset, "train").tolist() == [2, 1]
+  assert datasets.study_sizes(dataset, "test").tolist() == [1]
+  assert "convirt_mimic_cxr train: 2 studies, 1.50 images per study" in capsys.readouterr().out
+
+
+def test_study_sizes_none_without_studies_and_checked_against_the_records(tmp_path):
+  dataset = datasets.load_dataset(_mimic_config(_fake_mimic(tmp_path / "mimic")), str(tmp_path / "tfds"))
+  assert datasets.study_sizes(dataset, "train").tolist() == [1, 1]  # frontal views only
+  dataset.info.metadata["study_sizes"]["train"] = [1, 2]
+  with pytest.raises(DataError, match=r"study_sizes \(2 studies, 3 records\) do not match its 2 records"):
+    datasets.study_sizes(dataset, "train")
+  del dataset.info.metadata["study_sizes"]
+  assert datasets.study_sizes(dataset, "train") is None
 
 
 def test_mimic_strict_names_the_bad_record(tmp_path):

@@ -59,12 +59,17 @@ def _finished(workdir) -> dict:
   return json.loads((workdir / "results.json").read_text())
 
 
-def test_the_mimic_config_end_to_end(tmp_path, monkeypatch):
-  """The paper's config (plateau schedule, MIMIC-CXR's splits) on a MIMIC-CXR-JPG tree with bad records;
-  its test split has too few labels to score a probe, which is reported, not a crash."""
-  # More frontal training images of the same studies, so that a batch of 8 fits the train split.
-  more = [("10000032", "50000001", f"e{i:02d}-pa", "PA", "train") for i in range(8)]
+def test_the_mimic_config_end_to_end(tmp_path, monkeypatch, capsys):
+  """The paper's config (studies as pairs, every view, plateau schedule, MIMIC-CXR's splits) on a
+  MIMIC-CXR-JPG tree with bad records; its test split has too few labels to score a probe, which is
+  reported, not a crash."""
+  # More training studies of a PA and a lateral image each, so that a batch of 8 studies fits.
+  more = [("10000032", f"5100000{i}", f"e{i}-{view.lower()}", view, "train")
+          for i in range(8) for view in ("PA", "LATERAL")]
   monkeypatch.setattr(test_builders, "MIMIC_IMAGES", test_builders.MIMIC_IMAGES + more)
+  monkeypatch.setattr(test_builders, "MIMIC_REPORTS", {
+      **test_builders.MIMIC_REPORTS,
+      **{f"5100000{i}": f"FINDINGS: Study {i} shows a small left effusion.\n" for i in range(8)}})
   root = test_builders._fake_mimic(tmp_path / "mimic")  # pylint: disable=protected-access
   config = shrunk("mimic", tmp_path)
   config.data.dir = str(root)
@@ -73,6 +78,7 @@ def test_the_mimic_config_end_to_end(tmp_path, monkeypatch):
   saved = _finished(workdir)
   assert saved["run"]["config"] == "mimic_cxr" and results["run"]["evaluated_step"] == 2
   assert "linear_probe" in saved["run"].get("skipped_evaluations", {})
+  assert "convirt_mimic_cxr train: 10 studies, 1.90 images per study" in capsys.readouterr().out
 
 
 def test_the_csv_config_end_to_end(tmp_path):

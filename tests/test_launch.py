@@ -189,14 +189,14 @@ def _remote_command(argv: list[str]) -> str:
 
 def test_tpu_run_dry_run_starts_the_program_on_every_worker(sandbox):
   result = sandbox.run("tpu_vm.sh", "run", "--dry-run", *_TPU, "--config=configs/mimic.py",
-                       "--workdir=/gcs/bucket/convirt/run1", "--config.train.batch_size=4096",
+                       "--workdir=gs://bucket/convirt/run1", "--config.train.batch_size=4096",
                        "--", "--config.data.csv=/data/my pairs.csv")
   assert result.returncode == 0, result.stderr
   (ssh,) = _gcloud_lines(result.stdout)
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
   assert {"--worker=all", "--zone=us-central2-b", "--project=my-project"} <= set(ssh)
   command = _remote_command(ssh)
-  assert ("python -m convirt_jax.main --config=configs/mimic.py --workdir=/gcs/bucket/convirt/run1 "
+  assert ("python -m convirt_jax.main --config=configs/mimic.py --workdir=gs://bucket/convirt/run1 "
           "--config.train.batch_size=4096") in command
   # The override with a space reaches the program as one argument.
   assert "--config.data.csv=/data/my pairs.csv" in shlex.split(command.replace(";", " "))

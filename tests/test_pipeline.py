@@ -121,6 +121,29 @@ def test_shards_are_disjoint_cover_the_data_and_drop_the_remainder(tokenizer):
   assert seen[0] | seen[1] == set(range(12))
 
 
+def test_study_unit_draws_each_study_once_per_epoch_with_one_of_its_images(tokenizer):
+  # 6 studies of 3, 1, 2, 1, 3 and 2 images: an epoch is 6 pairs, each study once, with an image of its own.
+  sizes = np.array([3, 1, 2, 1, 3, 2])
+  study_of = np.repeat(np.arange(len(sizes)), sizes)
+  source = [_record(i) for i in range(int(sizes.sum()))]
+  make = lambda: iter(pipeline.train_loader(source, tokenizer, _config(), local_batch_size=3, seed=0,
+                                            study_sizes=sizes))
+  epochs = 8
+  rows = _rows(_take(make(), epochs * len(sizes) // 3))
+  for e in range(epochs):
+    assert sorted(study_of[i] for i, _, _ in rows[e * 6:(e + 1) * 6]) == list(range(len(sizes)))
+  drawn = {}
+  for i, _, ids in rows:
+    drawn.setdefault(int(study_of[i]), set()).add(i)
+    assert ids in _sentence_ids(tokenizer, i)  # the text is the drawn record's own report
+  # Over 8 epochs every image of a 3-image study is drawn (each is missed with probability (2/3)^8).
+  assert drawn[0] == {0, 1, 2} and drawn[4] == {7, 8, 9} and drawn[1] == {3}
+  _assert_same_batches(_take(make(), 4), _take(make(), 4))
+  with pytest.raises(DataError, match="6 studies make shards of 3, fewer than one batch of 4"):
+    pipeline.train_loader(source, tokenizer, _config(), local_batch_size=4, seed=0, shard_count=2,
+                          study_sizes=sizes)
+
+
 def test_shards_draw_independent_augmentations(tokenizer):
   source = [_record(0)] * 8  # The same record everywhere: only the draws can differ.
   first = [next(iter(pipeline.train_loader(source, tokenizer, _config(), local_batch_size=4, seed=0,

@@ -17,8 +17,11 @@ Several processes: only the builder process (process 0) builds; the others poll 
 dataset, which TFDS moves into place in one rename, so a directory with dataset_info.json is complete.
 A build killed half-way leaves only an incomplete.* directory beside it, which the next build (one job
 at a time per dataset, under a lock) removes before it starts anew.
-Every process must see `data_dir` (a shared file system) and, while the dataset is not built yet, the
-raw data (config.data.dir / config.data.csv); once built, the raw data is no longer read.
+Every process must see `data_dir` (a shared file system or gs://) and, while the dataset is not built
+yet, the raw data (config.data.dir / config.data.csv); once built, the raw data is no longer read.
+A gs:// data_dir is built in a local temporary directory (ArrayRecord writes local files only) and
+uploaded with dataset_info.json last, without the build lock (GCS has no flock; two jobs building the
+same dataset upload the same files); ArrayRecord reads it from GCS directly.
 """
 import contextlib
 import dataclasses
@@ -27,6 +30,7 @@ import importlib
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -35,6 +39,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from convirt_jax import storage
 from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
 
@@ -95,7 +100,7 @@ def check_raw_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
 
 
 def _is_built(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "dataset_info.json"))
+  return storage.path(os.path.join(path, "dataset_info.json")).is_file()
 
 
 @contextlib.contextmanager
@@ -134,6 +139,17 @@ def _remove_interrupted_builds(path: str) -> None:
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def _build_and_upload(config: ml_collections.ConfigDict, path: str) -> None:
+  """Builds the dataset into a local temporary directory, then uploads it to `path` (see the docstring)."""
+  with tempfile.TemporaryDirectory(prefix="convirt_tfds_") as local:
+    builder = make_builder(config, local)  # checks the raw data's files and columns first
+    print(f"Building the {config.data.name} dataset into {path} (through {local})", flush=True)
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    storage.copy_tree(prepared_dir(config, local), path, last="dataset_info.json")
+
+
 def _wait_until_built(path: str, timeout_s: float, poll_interval_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   logging.info("Waiting for the builder process to build %s", path)
@@ -163,7 +179,9 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   """
   path = prepared_dir(config, data_dir)
   if not _is_built(path):
-    if is_builder_process:
+    if is_builder_process and storage.is_remote(data_dir):
+      _build_and_upload(config, path)
+    elif is_builder_process:
       builder = make_builder(config, data_dir)  # checks the raw data's files and columns first
       with _build_lock(path) as exclusive:
         if not _is_built(path):  # another job may have built it while this one waited for the lock
@@ -227,6 +245,19 @@ def label_counts(dataset: Dataset, split: str) -> dict[str, dict[str, int]]:
   for i in range(len(source)):
     counter.add(source[i]["labels"])
   return counter.as_dict()
+
+
+def study_sizes(dataset: Dataset, split: str) -> np.ndarray | None:
+  """Records per study of one split, in record order (a study's records are adjacent), or None when the
+  dataset has no studies (only MIMIC-CXR has: one report, several images)."""
+  sizes = dict((dataset.info.metadata or {}).get("study_sizes") or {}).get(split)
+  if sizes is None:
+    return None
+  sizes = np.asarray(sizes, np.int64)
+  if sizes.sum() != len(dataset.sources[split]) or (sizes <= 0).any():
+    raise DataError(f"the {split} split's study_sizes ({len(sizes)} studies, {sizes.sum()} records) do not "
+                    f"match its {len(dataset.sources[split])} records: rebuild the dataset")
+  return sizes
 
 
 def unscorable_labels(dataset: Dataset, splits: tuple[str, ...] = ("train", "test")) -> dict[str, str]:

@@ -90,6 +90,21 @@ class _TrainExample(grain.transforms.RandomMap):
     return {"image": image, **example, "labels": _labels(record, self._num_labels)}
 
 
+class _StudyExample(grain.transforms.RandomMap):
+  """Study index -> a training example of one of its images, drawn at random (the paper's pair: one report,
+  one of its study's images per step)."""
+
+  def __init__(self, source: Sequence[Record], study_sizes: np.ndarray, example: _TrainExample):
+    self._source = source
+    self._starts = np.concatenate([[0], np.cumsum(study_sizes)[:-1]])
+    self._sizes = study_sizes
+    self._example = example
+
+  def random_map(self, study: int, rng: np.random.Generator) -> dict[str, Any]:
+    index = int(self._starts[study] + rng.integers(self._sizes[study]))
+    return self._example.random_map(self._source[index], rng)
+
+
 class _Tokenize(grain.transforms.Map):
   """Batch with "text" [b] strings -> batch with "input_ids" and "attention_mask" int32 [b, T]."""
 
@@ -131,15 +146,16 @@ def _shard_seed(seed: int, shard_index: int) -> int:
 
 
 def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.ConfigDict, *,
-                 local_batch_size: int, seed: int, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.IterDataset:
+                 local_batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                 study_sizes: np.ndarray | None = None) -> grain.IterDataset:
   """Endless augmented training batches of this process's shard; `iter()` it for a checkpointable iterator.
 
-  The source is split into `shard_count` contiguous equal shards (the remainder is dropped, as grain's
-  ShardByJaxProcess does) and this process reads only shard `shard_index`. Each epoch of the shard is a
-  fresh shuffle cut into full batches (the epoch's last partial batch is dropped). Every random choice
-  (order, sentence, augmentation) follows from (seed, shard_index, position), so a restored iterator
-  continues exactly.
+  The units of an epoch are the records, or with `study_sizes` the studies (each drawn once per epoch, with
+  one of its images picked at random each time). The units are split into `shard_count` contiguous equal
+  shards (the remainder is dropped, as grain's ShardByJaxProcess does) and this process reads only shard
+  `shard_index`. Each epoch of the shard is a fresh shuffle cut into full batches (the epoch's last
+  partial batch is dropped). Every random choice (order, image, sentence, augmentation) follows from
+  (seed, shard_index, position), so a restored iterator continues exactly.
 
   Args:
     source: random-access records (`tfds.data_source`, or any sequence of record dicts).
@@ -149,22 +165,28 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
     local_batch_size: rows per batch on this process.
     seed: non-negative int.
     shard_index, shard_count: this process's shard.
+    study_sizes: records per study in record order (`datasets.study_sizes`), or None: records are units.
   """
   _check_shard(shard_index, shard_count)
   if local_batch_size <= 0:
     raise ValueError(f"local_batch_size={local_batch_size} must be > 0")
-  shard_size = len(source) // shard_count
+  units, unit_name = (len(source), "records") if study_sizes is None else (len(study_sizes), "studies")
+  shard_size = units // shard_count
   if shard_size < local_batch_size:
-    # A batch would hold one record twice: a false negative for the contrastive loss.
-    raise DataError(f"{len(source)} records make shards of {shard_size}, fewer than one batch of "
+    # A batch would hold one record (or study) twice: a false negative for the contrastive loss.
+    raise DataError(f"{units} {unit_name} make shards of {shard_size}, fewer than one batch of "
                     f"{local_batch_size}")
   augment = TrainAugment.from_config(config.augment, config.data.image_size)
   start = shard_index * shard_size
-  ds = grain.MapDataset.source(source)[start:start + shard_size]
+  example = _TrainExample(augment, bool(config.data.whole_report), _labels(source[0]).shape[0],
+                          with_text=tokenizer is not None)
+  if study_sizes is None:
+    ds = grain.MapDataset.source(source)[start:start + shard_size]
+  else:
+    ds = grain.MapDataset.range(start, start + shard_size)
+    example = _StudyExample(source, np.asarray(study_sizes), example)
   ds = ds.seed(_shard_seed(seed, shard_index)).shuffle()
-  num_labels = _labels(source[start]).shape[0]
-  ds = ds.random_map(_TrainExample(augment, bool(config.data.whole_report), num_labels,
-                                   with_text=tokenizer is not None))
+  ds = ds.random_map(example)
   # Batching before repeating keeps each batch inside one epoch, so no record can meet itself as a
   # negative; indices past the first epoch re-seed the shuffle and the augmentation.
   ds = ds.batch(local_batch_size, drop_remainder=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from convirt_jax import parallel
+from convirt_jax import storage
 from convirt_jax.data import pipeline
 from convirt_jax.errors import ConfigError, TrainingDiverged
 from convirt_jax.evaluate import features as features_lib
@@ -160,9 +160,9 @@ def make_runs(workdir: str, encoder_name: str, slug: str, subsets: Mapping[tuple
 
 def completed_steps(run: Run) -> int:
   """Steps already done: all of them once result.json exists, else the latest checkpoint's step."""
-  if os.path.isfile(os.path.join(run.directory, RESULT_FILE)):
+  if storage.exists(os.path.join(run.directory, RESULT_FILE)):
     return run.steps
-  if not os.path.isdir(checkpoints.checkpoint_dir(run.directory)):
+  if not storage.path(checkpoints.checkpoint_dir(run.directory)).is_dir():
     return 0
   reader = checkpoints.make_manager(run.directory, read_only=True)
   try:
@@ -258,9 +258,8 @@ class Finetuner:
     """Fine-tunes (or resumes, or reads the finished result of) one run; None when preempted."""
     settings = self.settings(run)
     result_path = os.path.join(run.directory, RESULT_FILE)
-    if os.path.isfile(result_path):
-      with open(result_path) as f:
-        saved = json.load(f)
+    if storage.exists(result_path):
+      saved = storage.read_json(result_path)
       _check_settings(saved["settings"], settings, run.directory)
       return saved["result"]
     manager = checkpoints.make_manager(run.directory, keep=int(self.config.finetune.keep),
@@ -270,7 +269,7 @@ class Finetuner:
     finally:
       manager.close()
     if result is not None and jax.process_index() == 0:
-      metric_logging.write_json(result_path, {"settings": settings, "result": result})
+      storage.write_json(result_path, {"settings": settings, "result": result})
     return result
 
   def _train(self, run: Run, encoder, settings, manager) -> dict[str, Any] | None:
@@ -331,6 +330,8 @@ class Finetuner:
         checkpoints.save(manager, step, parallel.fetch(state), data_iterator=train_iter,
                          meta={"settings": settings, "tracker": tracker, "step": step},
                          metrics=val_metrics)
+        if self.logger is not None:
+          self.logger.flush()  # a gs:// workdir's metrics then cover every checkpointed step
       if stopping and not last:
         return None
     if tracker["stopped"] and self.bar is not None:

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
 from matplotlib.figure import Figure
 
+from convirt_jax import storage
 from convirt_jax.evaluate.results import (METRIC_NAMES, NON_FINITE, datasets_of, fraction_label,
                                          to_json_ready, validate_results)
 from convirt_jax.training.metric_logging import read_metrics
@@ -22,9 +22,8 @@ RELEVANT_COLOR, IRRELEVANT_COLOR = "#2ca02c", "#d62728"
 
 
 def _save(fig: Figure, out_png: str | os.PathLike) -> None:
-  out_png = epath.Path(out_png)
-  out_png.parent.mkdir(parents=True, exist_ok=True)
-  with out_png.open("wb") as f:
+  storage.makedirs(os.path.dirname(os.fspath(out_png)) or ".")
+  with storage.path(out_png).open("wb") as f:
     fig.savefig(f, format="png", dpi=fig.dpi)
 
 

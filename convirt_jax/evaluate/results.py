@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
+
+from convirt_jax import storage
 
 # config.data.name -> the data set's name in tables (results of other protocols than the paper's are
 # named by their data set, never "Table N").
@@ -246,13 +247,6 @@ def results_markdown(results: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_text(path: epath.Path, text: str) -> None:
-  # Written beside and moved into place, so a pre-empted job never leaves half a file.
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tuple[str, str]:
   """Writes workdir/results.json and workdir/results.md; returns their paths."""
   ready = to_json_ready(results)
@@ -262,12 +256,10 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tup
 
 def _write_json_and_markdown(workdir: str | os.PathLike, ready: Mapping[str, Any],
                              markdown: str) -> tuple[str, str]:
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  json_path, md_path = workdir / "results.json", workdir / "results.md"
-  _write_text(json_path, json.dumps(ready, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-  _write_text(md_path, markdown)
-  return os.fspath(json_path), os.fspath(md_path)
+  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
+  storage.write_text(json_path, json.dumps(ready, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+  storage.write_text(md_path, markdown)  # each atomic: a pre-empted job never leaves half a file
+  return json_path, md_path
 
 
 

@@ -3,32 +3,55 @@
 Only the main process writes; the others get a logger that does nothing, so call sites need no checks.
 A resumed run appends to the same files; rows past the resume step (logged after the last checkpoint of the
 interrupted run) are dropped first, so every step appears once.
+
+A remote (gs://) workdir cannot be appended to, and tensorboardX would rewrite its event file at every
+flush: both files are written into a local temporary directory and uploaded whole (each file one object
+write) by `flush` (the jobs call it after each checkpoint save, so the bucket's metrics cover every
+checkpointed step), at most every SYNC_EVERY_S seconds while logging, and by `close`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
 import tqdm
 
+from convirt_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+SYNC_EVERY_S = 60.0  # GCS allows about one write per second to one object: stay well below
 
 
 class MetricLogger:
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._workdir = workdir
     self._tb = None
+    self._local = None  # remote workdirs: the local directory uploaded by flush()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    directory = workdir
+    if storage.is_remote(workdir):
+      directory = self._local = tempfile.mkdtemp(prefix="convirt_metrics_")
+      remote = os.path.join(workdir, METRICS_FILE)
+      if storage.exists(remote):
+        with open(os.path.join(directory, METRICS_FILE), "w") as f:
+          f.write(storage.path(remote).read_text())
+    else:
+      os.makedirs(workdir, exist_ok=True)
+    self._path = os.path.join(directory, METRICS_FILE)
     _truncate_after(self._path, resume_step)
+    self._synced = time.monotonic()
     import tensorboardX  # pylint: disable=g-import-not-at-top  (only the main process needs it)
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = tensorboardX.SummaryWriter(os.path.join(directory, TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -40,16 +63,33 @@ class MetricLogger:
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    if self._local is not None and time.monotonic() - self._synced >= SYNC_EVERY_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Uploads metrics.jsonl and the event files of a remote workdir (a no-op for a local one)."""
+    if self._local is None:
+      return
+    if self._tb is not None:
+      self._tb.flush()
+    storage.copy_tree(self._local, self._workdir)
+    self._synced = time.monotonic()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+    if self._local is not None:
+      self.flush()
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._local = None
 
 
 def read_metrics(metrics_jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
   """The records of a metrics.jsonl file (one JSON object per line; blank lines skipped)."""
   records = []
-  for number, line in enumerate(open(metrics_jsonl_path).read().splitlines(), start=1):
+  text = storage.path(metrics_jsonl_path).read_text()
+  for number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
       continue
     try:
@@ -96,10 +136,3 @@ def jsonable(value: Any) -> Any:
   is compared with."""
   return json.loads(json.dumps(value, default=str))
 
-
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` beside `path` and moves it into place: a killed job never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, default=str)
-  os.replace(tmp, path)

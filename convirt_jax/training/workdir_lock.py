@@ -6,6 +6,10 @@ lock to delete by hand. The file itself stays and is reused; the holder writes i
 time into it, so a second job can say which job it found. On a file system that has no flock (some FUSE
 mounts), the lock is skipped with a warning: nothing stops two jobs there.
 
+A gs:// workdir has no lock either, with a one-line warning: GCS has no flock, and a lock object
+could not tell a live job from a killed one (it would stay behind after kill -9, which is how a
+preempted TPU VM ends, and block the resume until deleted by hand). Start one job per gs:// workdir.
+
   with WorkdirLock(workdir):   # WorkdirBusy when another job holds it
     ...
 
@@ -22,6 +26,7 @@ import socket
 
 from absl import logging
 
+from convirt_jax import storage
 from convirt_jax.errors import WorkdirBusy
 
 LOCK_FILE = ".lock"
@@ -39,6 +44,10 @@ class WorkdirLock:
   def acquire(self) -> "WorkdirLock":
     """Takes the lock, or raises WorkdirBusy naming the job that holds it."""
     if not self.enabled or self._fd is not None:
+      return self
+    if storage.is_remote(self.workdir):
+      logging.warning("%s is on GCS, which has no file locks: nothing stops a second job in the same "
+                      "workdir", self.workdir)
       return self
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

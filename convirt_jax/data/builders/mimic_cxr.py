@@ -1,5 +1,9 @@
 """MIMIC-CXR-JPG (manual download from PhysioNet) as a TFDS dataset: one record per image + its report.
 
+Records are stored in study order, and the metadata's "study_sizes" holds, per split, the number of
+records of each study in that order: the training pipeline can then draw a study (one report, several
+images) and sample one of its images (`config.data.unit="study"`, the paper's pair).
+
 Expected in `config.data.dir` (PhysioNet's layout, credentialed access):
   files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg      MIMIC-CXR-JPG images
   mimic-cxr-2.0.0-split.csv[.gz]                   dicom_id, study_id, subject_id, split (train/validate/test)
@@ -84,6 +88,11 @@ def _study_key(subject_id: str, study_id: str) -> str:
   return f"p{subject_id[:2]}/p{subject_id}/s{study_id}"
 
 
+def _study_of(record_id: str) -> str:
+  """"p10/p10000032/s50414267" of the record "p10/p10000032/s50414267/<dicom_id>.jpg"."""
+  return record_id.rsplit("/", 1)[0]
+
+
 def _field(row: dict[str, str | None], name: str) -> str:
   return (row.get(name) or "").strip()  # a short row has None for its missing fields
 
@@ -157,7 +166,8 @@ class MimicCxr(common.LocalBuilder):
   """MIMIC-CXR-JPG images with their MIMIC-CXR reports and CheXpert labels (manual download)."""
 
   name = "convirt_mimic_cxr"
-  VERSION = common.VERSION
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Records in study order; the images per study in the metadata (study_sizes)."}
 
   def __init__(self, *, params: MimicParams, **kwargs):
     root = params.root
@@ -176,7 +186,7 @@ class MimicCxr(common.LocalBuilder):
     return common.dataset_info(
         self, label_names=self._label_names, task=common.MULTILABEL,
         description="MIMIC-CXR-JPG chest X-rays with the findings/impression of their MIMIC-CXR report.",
-        source=self._params.root, skipped={}, label_counts={})
+        source=self._params.root, skipped={}, label_counts={}, study_sizes={})
 
   def _read_label_names(self, root: str) -> list[str]:
     if self._chexpert_csv is None:
@@ -310,8 +320,17 @@ class MimicCxr(common.LocalBuilder):
                                         "labels": labels.get(image.study, no_labels)}
         yield common.Candidate(image.id, os.path.join(files, image.id), features, reason, detail)
 
-    yield from counts.counted(common.examples_with_images(candidates(), bad, size=self._params.stored_size,
-                                                          num_threads=self._threads))
+    sizes, study = [], None  # records per study, in record order (images are sorted by study)
+    for key, example in counts.counted(common.examples_with_images(
+        candidates(), bad, size=self._params.stored_size, num_threads=self._threads)):
+      if _study_of(example["id"]) != study:
+        study = _study_of(example["id"])
+        sizes.append(0)
+      sizes[-1] += 1
+      yield key, example
     reports.close()
+    print(f"{self.name} {split}: {len(sizes)} studies, {sum(sizes) / len(sizes):.2f} images per study",
+          flush=True)
     self.info.metadata["skipped"][split] = dict(bad.counts)
     self.info.metadata["label_counts"][split] = counts.as_dict()
+    self.info.metadata["study_sizes"][split] = sizes
