@@ -12,6 +12,7 @@ local disks, and uploads the object directly on GCS; directories are created onl
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -41,11 +42,8 @@ def check(value: str | os.PathLike, flag: str) -> str:
   if found is not None and found not in REMOTE_SCHEMES:
     raise ConfigError(f"{flag}={value}: {found}:// is not supported; give {SUPPORTED}")
   if found == "gs":
-    try:
-      import gcsfs  # pylint: disable=g-import-not-at-top,unused-import  (epath's gs:// backend)
-    except ImportError:
-      raise ConfigError(f"{flag}={value}: gs:// needs the gcsfs package (pip install -r requirements.txt)"
-                        ) from None
+    if importlib.util.find_spec("gcsfs") is None:  # epath's gs:// backend
+      raise ConfigError(f"{flag}={value}: gs:// needs the gcsfs package (pip install -r requirements.txt)")
   return value
 
 
