@@ -13,7 +13,8 @@ validation loss.
 
 Not checked against the paper's appendix (it could not be read where this was written), so this
 project's choices, each a config key:
-- validation: MIMIC-CXR's official "validate" split, every 2,000 steps (eval.every_steps);
+- validation: MIMIC-CXR's official "validate" split, every 2,000 steps (eval.every_steps); its loss
+  is over every image of its studies with the whole report, not one drawn image per study;
 - learning-rate rule: halved after 5 evaluations without a lower validation loss (optimizer.schedule
   "plateau", plateau_factor, plateau_patience);
 - stopping rule: after 15 evaluations without a lower validation loss (three halvings that did not
