@@ -90,11 +90,7 @@ class Chexpert(classification.ClassificationBuilder):
 
   def _open_download(self, params, fail):
     self._download = classification.find_download(params.root, "train.csv", FOLDERS, fail)
-    if not os.path.isfile(os.path.join(self._download, "valid.csv")):
-      raise fail(f"missing {os.path.join(self._download, 'valid.csv')}")
-    for folder in ("train", "valid"):
-      if not os.path.isdir(os.path.join(self._download, folder)):
-        raise fail(f"missing the image folder {os.path.join(self._download, folder)}/")
+    classification.require_paths(self._download, fail, files=("valid.csv",), folders=("train", "valid"))
     self._columns = ("Path", *LABEL_NAMES) + ((VIEW_COLUMN,) if params.frontal_only else ())
     for name in ("train.csv", "valid.csv"):
       path = os.path.join(self._download, name)

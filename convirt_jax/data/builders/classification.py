@@ -168,6 +168,17 @@ def find_download(root: str, marker: str, folders: Sequence[str], fail: Callable
   return found[0]
 
 
+def require_paths(root: str, fail: Callable[[str], DataError], *, files: Sequence[str] = (),
+                  folders: Sequence[str] = ()) -> None:
+  """`fail(problem)` naming the first of `files`, then of the image `folders`, missing under `root`."""
+  for name in files:
+    if not os.path.isfile(os.path.join(root, name)):
+      raise fail(f"missing {os.path.join(root, name)}")
+  for name in folders:
+    if not os.path.isdir(os.path.join(root, name)):
+      raise fail(f"missing the image folder {os.path.join(root, name)}/")
+
+
 def resolve_listed_path(download_dir: str, listed: str) -> str:
   """Where a path from a CheXpert/MURA list is on disk.
 

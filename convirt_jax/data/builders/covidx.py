@@ -101,8 +101,7 @@ class Covidx(classification.ClassificationBuilder):
       if len(found) > 1:
         names = ", ".join(os.path.basename(p) for p in found)
         raise DataError(f"{root} holds several {split} lists ({names}): keep the one of the release to use")
-      if not os.path.isdir(os.path.join(root, split)):
-        raise fail(f"missing the image folder {os.path.join(root, split)}/")
+      classification.require_paths(root, fail, folders=(split,))
       self._lists[split] = found[0]
       self._lines[split] = [line for number, text in enumerate(common.text_lines(found[0]), 1)
                             if (line := _parse(number, text))]

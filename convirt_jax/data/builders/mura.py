@@ -80,11 +80,9 @@ class Mura(classification.ClassificationBuilder):
   def _open_download(self, params, fail):
     self._download = classification.find_download(params.root, "train_image_paths.csv", (FOLDER,), fail)
     for split in ("train", "valid"):
-      for name in (f"{split}_image_paths.csv", f"{split}_labeled_studies.csv"):
-        if not os.path.isfile(os.path.join(self._download, name)):
-          raise fail(f"missing {os.path.join(self._download, name)}")
-      if not os.path.isdir(os.path.join(self._download, split)):
-        raise fail(f"missing the image folder {os.path.join(self._download, split)}/")
+      classification.require_paths(
+          self._download, fail, files=(f"{split}_image_paths.csv", f"{split}_labeled_studies.csv"),
+          folders=(split,))
 
   def _read_studies(self, split: str) -> dict[str, tuple[float | None, str]]:
     """study key -> (label, or None when it is not 0 or 1; where it was read)."""

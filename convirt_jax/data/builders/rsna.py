@@ -61,11 +61,8 @@ class RsnaPneumonia(classification.ClassificationBuilder):
 
   def _open_download(self, params, fail):
     root = params.root
+    classification.require_paths(root, fail, files=(LABELS_CSV,), folders=(IMAGES_DIR,))
     self._labels_csv = os.path.join(root, LABELS_CSV)
-    if not os.path.isfile(self._labels_csv):
-      raise fail(f"missing {self._labels_csv}")
-    if not os.path.isdir(os.path.join(root, IMAGES_DIR)):
-      raise fail(f"missing the image folder {os.path.join(root, IMAGES_DIR)}/")
     f, reader = common.open_csv(self._labels_csv)
     with f:
       common.require_columns(reader, ("patientId", "Target"), self._labels_csv)
