@@ -97,14 +97,22 @@ def validate_results(results: Mapping[str, Any]) -> None:
       _require(probe, ("metric", "fractions"), probe_path)
       if probe["metric"] not in METRIC_NAMES:
         raise ValueError(f"{probe_path}['metric']: {probe['metric']!r} not in {sorted(METRIC_NAMES)}")
-      for i, row in enumerate(probe["fractions"]):
-        _require(row, ("fraction", "mean", "std", "per_label"), f"{probe_path}['fractions'][{i}]")
-    for direction, scores in entry.get("retrieval", {}).items():
-      retrieval_path = f"{path}['retrieval'][{direction!r}]"
-      if direction not in DIRECTIONS:
-        raise ValueError(f"{retrieval_path}: unknown direction; expected one of {sorted(DIRECTIONS)}")
-      _require(scores, ("ks", "chance"), retrieval_path)
-      _require(scores, [f"prec@{k}" for k in scores["ks"]], retrieval_path)
+      _check_fraction_rows(probe["fractions"], f"{probe_path}['fractions']")
+    _check_retrieval(entry.get("retrieval", {}), f"{path}['retrieval']")
+
+
+def _check_fraction_rows(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+  for i, row in enumerate(rows):
+    _require(row, ("fraction", "mean", "std", "per_label"), f"{path}[{i}]")
+
+
+def _check_retrieval(retrieval: Mapping[str, Any], path: str) -> None:
+  for direction, scores in retrieval.items():
+    retrieval_path = f"{path}[{direction!r}]"
+    if direction not in DIRECTIONS:
+      raise ValueError(f"{retrieval_path}: unknown direction; expected one of {sorted(DIRECTIONS)}")
+    _require(scores, ("ks", "chance"), retrieval_path)
+    _require(scores, [f"prec@{k}" for k in scores["ks"]], retrieval_path)
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -295,16 +303,10 @@ def validate_transfer_results(results: Mapping[str, Any]) -> None:
     for protocol in ("linear", "finetune"):
       if protocol in entry:
         _require(entry[protocol], ("fractions",), f"{path}[{protocol!r}]")
-        for i, row in enumerate(entry[protocol]["fractions"]):
-          _require(row, ("fraction", "mean", "std", "per_label"), f"{path}[{protocol!r}]['fractions'][{i}]")
+        _check_fraction_rows(entry[protocol]["fractions"], f"{path}[{protocol!r}]['fractions']")
     if "zeroshot" in entry:
       _require(entry["zeroshot"], ("main", "per_label"), f"{path}['zeroshot']")
-    for direction, scores in entry.get("retrieval", {}).items():
-      retrieval_path = f"{path}['retrieval'][{direction!r}]"
-      if direction not in DIRECTIONS:
-        raise ValueError(f"{retrieval_path}: unknown direction; expected one of {sorted(DIRECTIONS)}")
-      _require(scores, ("ks", "chance"), retrieval_path)
-      _require(scores, [f"prec@{k}" for k in scores["ks"]], retrieval_path)
+    _check_retrieval(entry.get("retrieval", {}), f"{path}['retrieval']")
 
 
 def _fractions_of(methods: Mapping[str, Any], protocol: str) -> list[float]:
