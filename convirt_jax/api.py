@@ -58,8 +58,8 @@ class ConVIRT:
     config = ml_collections.ConfigDict(meta["config"])
     text_config = BertConfig.from_dict(
         storage.read_json(os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)))
-    with storage.local_copy(os.path.join(workdir, checkpoints.TOKENIZER_DIR)) as tokenizer_dir:
-      tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=config.model.text.max_length)
+    tokenizer = Tokenizer.from_pretrained(os.path.join(workdir, checkpoints.TOKENIZER_DIR),
+                                          max_length=config.model.text.max_length)
     model = build_model(config, text_config)
     variables = checkpoints.restore_variables(workdir, step)
     return cls(config, model, variables, tokenizer, text_config, step)

@@ -234,8 +234,7 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
   tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
   text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
   if resuming:
-    with storage.local_copy(tokenizer_dir) as local:
-      tokenizer = Tokenizer.from_pretrained(local, max_length=text.max_length)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
   elif text.tokenizer == "corpus":
     train = dataset.sources["train"]
     texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
@@ -244,8 +243,7 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
     tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer) if text.tokenizer else text_dir,
                                           max_length=text.max_length)
   if parallel.is_main_process() and not resuming:
-    with storage.local_staging(tokenizer_dir) as local:  # tokenizers writes local files only
-      tokenizer.save(local)
+    tokenizer.save(tokenizer_dir)
   text_params = None
   if text_dir:
     text_config, text_params = load_hf_bert(text_dir)

@@ -14,6 +14,7 @@ import numpy as np
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 
+from convirt_jax import storage
 from convirt_jax.errors import WeightsNotFound
 from convirt_jax.hub import resolve_hf_dir
 
@@ -77,7 +78,10 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, dir_or_hub_name: str | os.PathLike, max_length: int = 128) -> "Tokenizer":
-    """From a checkpoint directory (or Hub name) holding tokenizer.json or vocab.txt."""
+    """From a checkpoint directory (local or gs://, or a Hub name) holding tokenizer.json or vocab.txt."""
+    if storage.is_remote(dir_or_hub_name):  # the tokenizers library reads local files only
+      with storage.local_copy(dir_or_hub_name) as local:
+        return cls.from_pretrained(local, max_length)
     directory = resolve_hf_dir(dir_or_hub_name)
     config = _read_json(os.path.join(directory, "tokenizer_config.json"))
     specials_map = _read_json(os.path.join(directory, "special_tokens_map.json"))
@@ -151,7 +155,12 @@ class Tokenizer:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
   def save(self, out_dir: str | os.PathLike) -> None:
-    """Writes tokenizer.json, vocab.txt and configs that `BertTokenizerFast.from_pretrained` loads."""
+    """Writes tokenizer.json, vocab.txt and configs that `BertTokenizerFast.from_pretrained` loads, into
+    a local or gs:// directory."""
+    if storage.is_remote(out_dir):  # the tokenizers library writes local files only
+      with storage.local_staging(out_dir) as local:
+        self.save(local)
+      return
     os.makedirs(out_dir, exist_ok=True)
     s = self._settings
     backend = tokenizers.Tokenizer.from_str(self._backend.to_str())

@@ -139,14 +139,18 @@ def _remove_interrupted_builds(path: str) -> None:
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def _build(builder: tfds.core.GeneratorBasedBuilder, what: str) -> None:
+  print(f"Building {what}", flush=True)
+  tfds.disable_progress_bar()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
 def _build_and_upload(config: ml_collections.ConfigDict, path: str) -> None:
   """Builds the dataset into a local temporary directory, then uploads it to `path` (see the docstring)."""
   with tempfile.TemporaryDirectory(prefix="convirt_tfds_") as local:
-    builder = make_builder(config, local)  # checks the raw data's files and columns first
-    print(f"Building the {config.data.name} dataset into {path} (through {local})", flush=True)
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    # make_builder checks the raw data's files and columns first.
+    _build(make_builder(config, local), f"the {config.data.name} dataset into {path} (through {local})")
     storage.copy_tree(prepared_dir(config, local), path, last="dataset_info.json")
 
 
@@ -187,10 +191,7 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
         if not _is_built(path):  # another job may have built it while this one waited for the lock
           if exclusive:
             _remove_interrupted_builds(path)
-          print(f"Building the {config.data.name} dataset into {path}", flush=True)
-          tfds.disable_progress_bar()
-          builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+          _build(builder, f"the {config.data.name} dataset into {path}")
     else:
       _wait_until_built(path, wait_timeout_s, poll_interval_s)
   # Read through the stored features and metadata: no raw data (or builder parameters) needed.
