@@ -107,18 +107,19 @@ def test_whole_report_uses_every_sentence(tokenizer):
     np.testing.assert_array_equal(batch["input_ids"][r], expected)
 
 
-def test_shards_are_disjoint_cover_the_data_and_drop_the_remainder(tokenizer):
-  source = [_record(i) for i in range(13)]  # 2 shards of 6; record 12 is the remainder.
-  seen = []
-  for shard in range(2):
-    loader = pipeline.train_loader(source, tokenizer, _config(), local_batch_size=3, seed=0,
-                                   shard_index=shard, shard_count=2)
-    rows = _rows(_take(iter(loader), 4))  # Two epochs of this shard.
-    first, second = {i for i, _, _ in rows[:6]}, {i for i, _, _ in rows[6:]}
-    assert len(first) == 6 and first == second
-    seen.append(first)
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(12))
+def test_shards_are_the_rows_of_one_global_stream(tokenizer):
+  """Process i of 2 reads rows [3i, 3i + 3) of each global batch of 6: the batches of one process
+  reading global batches of 6, whatever the process count. 13 records make 2 global batches an epoch;
+  the one left over differs from epoch to epoch."""
+  source = [_record(i) for i in range(13)]
+  shards = [_take(iter(pipeline.train_loader(source, tokenizer, _config(), local_batch_size=3, seed=0,
+                                             shard_index=shard, shard_count=2)), 4) for shard in range(2)]
+  single = _take(iter(pipeline.train_loader(source, tokenizer, _config(), local_batch_size=6, seed=0)), 4)
+  for step, whole in enumerate(single):
+    _assert_same_batches([{k: v[:3] for k, v in whole.items()}], [shards[0][step]])
+    _assert_same_batches([{k: v[3:] for k, v in whole.items()}], [shards[1][step]])
+  epochs = [{i for i, _, _ in _rows(single[e * 2:(e + 1) * 2])} for e in range(2)]
+  assert [len(e) for e in epochs] == [12, 12] and epochs[0] != epochs[1]
 
 
 def test_study_unit_draws_each_study_once_per_epoch_with_one_of_its_images(tokenizer):
@@ -139,7 +140,7 @@ def test_study_unit_draws_each_study_once_per_epoch_with_one_of_its_images(token
   # Over 8 epochs every image of a 3-image study is drawn (each is missed with probability (2/3)^8).
   assert drawn[0] == {0, 1, 2} and drawn[4] == {7, 8, 9} and drawn[1] == {3}
   _assert_same_batches(_take(make(), 4), _take(make(), 4))
-  with pytest.raises(DataError, match="6 studies make shards of 3, fewer than one batch of 4"):
+  with pytest.raises(DataError, match="6 studies are fewer than one global batch of 8"):
     pipeline.train_loader(source, tokenizer, _config(), local_batch_size=4, seed=0, shard_count=2,
                           study_sizes=sizes)
 
@@ -292,5 +293,5 @@ def test_bad_records_are_named(tokenizer):
   with pytest.raises(DataError, match="synthetic/train/1.*labels"):
     next(iter(pipeline.train_loader([_record(0), three_labels], tokenizer, _config(), local_batch_size=2,
                                     seed=0)))
-  with pytest.raises(DataError, match="fewer than one batch"):
+  with pytest.raises(DataError, match="fewer than one global batch of 6"):
     pipeline.train_loader(source, tokenizer, _config(), local_batch_size=3, seed=0, shard_count=2)

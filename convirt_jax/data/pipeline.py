@@ -137,25 +137,27 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
 
 
-def _shard_seed(seed: int, shard_index: int) -> int:
-  # Each shard gets its own stream: with one seed, the k-th example of every shard would get the same
-  # crop, flip and sentence position.
+def _stream_seed(seed: int) -> int:
   if seed < 0:
     raise ValueError(f"seed={seed} must be >= 0")
-  return int(np.random.SeedSequence((seed, shard_index)).generate_state(1)[0])
+  # (seed, 0): the seed of a single process's stream before the stream was made global.
+  return int(np.random.SeedSequence((seed, 0)).generate_state(1)[0])
 
 
 def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.ConfigDict, *,
                  local_batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                  study_sizes: np.ndarray | None = None) -> grain.IterDataset:
-  """Endless augmented training batches of this process's shard; `iter()` it for a checkpointable iterator.
+  """Endless augmented training batches: this process's rows of each global batch; `iter()` it for a
+  checkpointable iterator.
 
-  The units of an epoch are the records, or with `study_sizes` the studies (each drawn once per epoch, with
-  one of its images picked at random each time). The units are split into `shard_count` contiguous equal
-  shards (the remainder is dropped, as grain's ShardByJaxProcess does) and this process reads only shard
-  `shard_index`. Each epoch of the shard is a fresh shuffle cut into full batches (the epoch's last
-  partial batch is dropped). Every random choice (order, image, sentence, augmentation) follows from
-  (seed, shard_index, position), so a restored iterator continues exactly.
+  One global stream, whatever the number of processes: the units of an epoch (the records, or with
+  `study_sizes` the studies, each drawn once per epoch with one of its images picked at random each
+  time) are shuffled, cut into global batches of `shard_count * local_batch_size` (the epoch's last
+  partial batch is dropped: other units each epoch), and process `shard_index` reads rows
+  [shard_index * local_batch_size, (shard_index + 1) * local_batch_size) of each. Every random choice
+  (order, image, sentence, augmentation) follows from (seed, the unit's place in the global stream), so
+  a job gives the same batches on any number of processes with the same global batch, and a restored
+  iterator continues exactly.
 
   Args:
     source: random-access records (`tfds.data_source`, or any sequence of record dicts).
@@ -164,32 +166,32 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
     config: reads data.image_size, data.whole_report, data.num_threads, data.worker_count and augment.
     local_batch_size: rows per batch on this process.
     seed: non-negative int.
-    shard_index, shard_count: this process's shard.
+    shard_index, shard_count: this process and the number of processes.
     study_sizes: records per study in record order (`datasets.study_sizes`), or None: records are units.
   """
   _check_shard(shard_index, shard_count)
   if local_batch_size <= 0:
     raise ValueError(f"local_batch_size={local_batch_size} must be > 0")
   units, unit_name = (len(source), "records") if study_sizes is None else (len(study_sizes), "studies")
-  shard_size = units // shard_count
-  if shard_size < local_batch_size:
+  global_batch = local_batch_size * shard_count
+  if units < global_batch:
     # A batch would hold one record (or study) twice: a false negative for the contrastive loss.
-    raise DataError(f"{units} {unit_name} make shards of {shard_size}, fewer than one batch of "
-                    f"{local_batch_size}")
+    raise DataError(f"{units} {unit_name} are fewer than one global batch of {global_batch}")
   augment = TrainAugment.from_config(config.augment, config.data.image_size)
-  start = shard_index * shard_size
   example = _TrainExample(augment, bool(config.data.whole_report), _labels(source[0]).shape[0],
                           with_text=tokenizer is not None)
   if study_sizes is None:
-    ds = grain.MapDataset.source(source)[start:start + shard_size]
+    ds = grain.MapDataset.source(source)
   else:
-    ds = grain.MapDataset.range(start, start + shard_size)
+    ds = grain.MapDataset.range(units)
     example = _StudyExample(source, np.asarray(study_sizes), example)
-  ds = ds.seed(_shard_seed(seed, shard_index)).shuffle()
+  ds = ds.seed(_stream_seed(seed)).shuffle()
   ds = ds.random_map(example)
   # Batching before repeating keeps each batch inside one epoch, so no record can meet itself as a
-  # negative; indices past the first epoch re-seed the shuffle and the augmentation.
+  # negative; indices past the first epoch re-seed the shuffle and the augmentation (grain's slices and
+  # batches carry the epoch through). A global batch is `shard_count` consecutive local ones.
   ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds[:units // global_batch * shard_count][shard_index::shard_count]
   if tokenizer is not None:
     ds = ds.map(_Tokenize(tokenizer))
   ds = ds.repeat(None)
