@@ -5,6 +5,7 @@ Imports nothing heavy, so that --help and flag errors stay instant.
 import logging as std_logging
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 from absl import app
@@ -34,13 +35,16 @@ def quiet_orbax(record) -> bool:
 
 def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdir: str | None, *,
             configs_dir: str, workdir_prefix: str = "") -> None:
-  """A job's main(): checks the config file, then `run(config, workdir)`; a user
-  error (config, data, checkpoints) ends with its one-line message and no traceback.
+  """A job's main(): checks the config file, joins the job's other processes, then `run(config,
+  workdir)`; a user error (config, data, checkpoints) ends with its one-line message and no traceback.
 
+  Every job's command line comes through here, so jax.distributed starts before anything can touch a
+  JAX backend. A multi-process job runs under `multihost.supervise` (see there why).
   `workdir` defaults to runs/<workdir_prefix><config file's name>.
   """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from convirt_jax import multihost  # pylint: disable=g-import-not-at-top  (no jax)
   from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
@@ -50,11 +54,26 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
     sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
   name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
+  config = config_flag.value
+  multi_process = multihost.is_multi_process(config.distributed)
+  if multi_process and not multihost.is_supervised():
+    sys.exit(multihost.supervise())
   try:
     from convirt_jax import storage  # pylint: disable=g-import-not-at-top
     # Said before the job's heavy imports (the job checks again, for callers of its run()).
     storage.check(workdir, "--workdir")
-    storage.check(config_flag.value.data.get("tfds_dir", ""), "--config.data.tfds_dir")
-    run(config_flag.value, workdir)
+    storage.check(config.data.get("tfds_dir", ""), "--config.data.tfds_dir")
+    from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize(config.distributed, job_config=config.to_dict())
+    run(config, workdir)
+    multihost.stop_watchdog()
   except UserError as e:
+    if multi_process:
+      multihost.fail(str(e))  # tells the other processes, exits at once
     sys.exit(f"error: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    if not multi_process:
+      raise
+    multihost.wait_for_watchdog()  # a collective failed because a process was lost: it names it
+    traceback.print_exc()  # else a bug: its traceback, and the other processes stop too
+    multihost.fail(f"{type(e).__name__}: {e}")

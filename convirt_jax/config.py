@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "" = auto-detect (Cloud TPU, SLURM) or single process
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  # With several processes: how long all may take to join, and how long a process may go silent before
+  # the others stop, naming it (convirt_jax/multihost.py).
+  c.distributed.initialization_timeout_seconds = 300
+  c.distributed.heartbeat_timeout_seconds = 60
   return c
 
 

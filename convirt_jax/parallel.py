@@ -4,8 +4,6 @@ One mesh axis, "data", spans all devices of all hosts. Each process loads only i
 batch (`local_batch_size`), `shard_batch` assembles the slices into global arrays sharded over "data",
 and the train state is replicated. On one process all of this degenerates to the local devices.
 """
-import glob
-import importlib.util
 import logging
 import os
 from typing import Any, Mapping
@@ -16,37 +14,21 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from convirt_jax import multihost
 from convirt_jax.errors import AcceleratorUnavailable, ConfigError
 
 DATA_AXIS = "data"
 
 
-def _slurm_task_count() -> int:
-  return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
-
-
-def _on_multi_host_tpu() -> bool:
-  """True on a Cloud TPU VM (pod slice or multislice), where jax reads the topology itself."""
-  if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return True
-  hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
-  if len([h for h in hosts.split(",") if h.strip()]) > 1:
-    return True
-  # A TPU VM without those variables: jax asks the VM metadata server (one host there gives 1 process).
-  return _on_tpu_vm()
-
-
-def _on_tpu_vm() -> bool:
-  has_tpu_chips = bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-  return has_tpu_chips and importlib.util.find_spec("libtpu") is not None
-
-
-def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]) -> bool:
+def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any],
+               job_config: Mapping[str, Any] | None = None) -> bool:
   """Joins the processes of a multi-process job; returns whether jax.distributed is running.
 
-  Must run before anything touches a jax device. Explicit `coordinator_address`, `num_processes` and
-  `process_id` win; otherwise SLURM (more than one task) and Cloud TPU VMs are detected and left to
-  jax's own cluster detection; otherwise this is a single process and nothing happens. Calling it
+  Must run before anything touches a jax device: `cli.run_job` calls it first thing for both jobs.
+  Explicit `coordinator_address`, `num_processes` and `process_id` win; otherwise SLURM (more than one
+  task) and Cloud TPU VMs are detected and left to jax's own cluster detection; otherwise this is a
+  single process and nothing happens. With several processes, `multihost` bounds the start-up, checks
+  that every process runs the same `job_config` (a dict) and watches for a lost process. Calling it
   again is harmless.
   """
   if jax.distributed.is_initialized():
@@ -54,6 +36,11 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
   address = distributed_config["coordinator_address"]
   num_processes = int(distributed_config["num_processes"])
   process_id = int(distributed_config["process_id"])
+  init_timeout = int(distributed_config["initialization_timeout_seconds"])
+  heartbeat_timeout = int(distributed_config["heartbeat_timeout_seconds"])
+  if init_timeout < 1 or heartbeat_timeout < 1:
+    raise ConfigError("config.distributed.initialization_timeout_seconds and heartbeat_timeout_seconds "
+                      f"must be positive; got {init_timeout} and {heartbeat_timeout}")
   # Cross-process collectives for CPU devices (multi-process CPU runs, tests); TPUs and GPUs ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if address:
@@ -64,14 +51,18 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
     if num_processes == 1:
       _start_backend()
       return False
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id)
-  elif _slurm_task_count() > 1 or _on_multi_host_tpu():
-    jax.distributed.initialize()
+    kwargs = dict(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+  elif multihost.cluster_detected():
+    kwargs, num_processes = {}, 0
   else:
     _start_backend()
     return False
+  multihost.join(kwargs, init_timeout, heartbeat_timeout)
   _start_backend()
+  if jax.process_count() > 1:
+    multihost.announce_place()
+    multihost.check_agreement(num_processes, job_config, init_timeout)
+    multihost.start_watchdog(heartbeat_timeout)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

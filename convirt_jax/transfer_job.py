@@ -51,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   transfer_config.validate_transfer(config)
   workdir = storage.check(workdir, "--workdir")
   storage.check(config.data.tfds_dir, "--config.data.tfds_dir")
+  parallel.initialize(config.distributed)  # done already by the command line (cli.run_job)
   protocols = tuple(config.protocols)
   encoders = transfer_encoders.parse_encoders(config)
   if "zeroshot" in protocols and not any(e.is_convirt for e in encoders):
@@ -58,7 +59,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"config.encoders={tuple(config.encoders)} has none")
   arch = transfer_encoders.resolve_architecture(encoders, config)
   config = _with_architecture(config, arch)
-  parallel.initialize(config.distributed)
   mesh = parallel.make_mesh()
   if "finetune" in protocols:
     try:

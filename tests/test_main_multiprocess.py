@@ -1,50 +1,43 @@
-"""The whole job on two real processes (2 simulated devices each), as on two hosts of a pod.
+"""The pretraining job on two real processes (2 simulated devices each), as on two hosts of a pod.
 
 Covers what only several processes exercise: one process builds the data and learns the vocabulary
 while the other waits, each reads its own shard, orbax saves one checkpoint from both, evaluation
-gathers the features of both, and only process 0 writes the workdir's files.
+gathers the features of both, only process 0 writes the workdir's files; and a host lost mid-run
+(kill -9): the other process stops in one line naming it, and the rerun ends as the unbroken run.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
+import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "tests", "tiny_config.py")
+import jax
+import numpy as np
+import pytest
+
+import multiprocess_jobs
+from convirt_jax.training import checkpoints
+
+TINY = os.path.join(multiprocess_jobs.TESTS, "tiny_config.py")
+STEPS = 4
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _job(workdir, logs):
+  return multiprocess_jobs.Job("convirt_jax.main", [
+      f"--config={TINY}", f"--workdir={workdir}", f"--config.train.steps={STEPS}",
+      "--config.eval.every_steps=2"], logs)
 
 
-def test_two_processes_run_the_job_to_the_end(tmp_path):
-  workdir = tmp_path / "run"
-  port = _free_port()
-  # 2 simulated devices each, built with XLA's cheapest optimisation level (as test_faults.py's jobs):
-  # compiling is most of this test's time, and no number here is compared with another compilation's.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "convirt_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-       "--config.train.steps=4", "--config.eval.every_steps=2",
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=600))
-  finally:
-    for proc in procs:
-      proc.kill()
-  for proc, (_, err) in zip(procs, outputs):
-    assert proc.returncode == 0, err[-4000:]
-  assert "Results, metrics and plots" in outputs[0][0]
-  assert "ConVIRT evaluation" not in outputs[1][0], "only process 0 prints the results"
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pretrain_2p")
+  job = _job(root / "run", root / "logs")
+  job.assert_ok()
+  return root / "run", job
+
+
+def test_two_processes_run_the_job_to_the_end(unbroken):
+  workdir, job = unbroken
+  assert "Results, metrics and plots" in job.output(0)
+  assert "ConVIRT evaluation" not in job.output(1), "only process 0 prints the results"
   results = json.loads((workdir / "results.json").read_text())
   assert results["run"]["processes"] == 2 and results["run"]["devices"] == 4
   probe = results["methods"]["ConVIRT"]["linear_probe"]["Synthetic CXR"]
@@ -52,3 +45,33 @@ def test_two_processes_run_the_job_to_the_end(tmp_path):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def assert_same_variables(a_dir, b_dir, step):
+  a, b = (checkpoints.restore_variables(str(d), step) for d in (a_dir, b_dir))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_host_killed_mid_run_stops_the_other_in_one_line_and_the_rerun_resumes(unbroken, tmp_path):
+  """kill -9 of process 1 (its supervisor and the job with it) once step 2 is saved: process 0 stops
+  within the heartbeat timeout and a margin, saying in its last line that process 1 was lost; the same
+  command on both processes resumes from step 2 and ends with the unbroken run's parameters."""
+  workdir = tmp_path / "run"
+  job = _job(workdir, tmp_path / "killed")
+  job.when(lambda: (workdir / "checkpoints" / "2").is_dir())
+  killed_at = job.signal(1)
+  codes = job.wait(timeout=120)
+  stopped_after = time.monotonic() - killed_at
+  survivor = job.output(0)
+  assert codes[0] == 1, survivor[-3000:]
+  assert stopped_after < multiprocess_jobs.HEARTBEAT_S + 20, stopped_after
+  assert multiprocess_jobs.last_line(survivor).startswith("error: process 0: lost process 1 of 2"), (
+      survivor[-3000:])
+  assert "Traceback" not in survivor, survivor[-3000:]
+
+  rerun = _job(workdir, tmp_path / "rerun")
+  rerun.assert_ok()
+  assert "Resuming from step" in rerun.output(0)
+  assert_same_variables(unbroken[0], workdir, STEPS)

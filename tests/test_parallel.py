@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from convirt_jax import parallel
+from convirt_jax import multihost, parallel
 from convirt_jax.config import base_config
+
+# The runtime's own deadlines, 30 s after the job's (300 s to join, 60 s of silence): its expiry aborts.
+RUNTIME_TIMEOUTS = {"initialization_timeout": 330, "heartbeat_timeout_seconds": 90}
 
 
 def test_mesh_spans_every_device_on_one_data_axis():
@@ -75,7 +78,7 @@ def recorder(monkeypatch):
               "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(var, raising=False)
   # The TPU VM probe looks at /dev and libtpu; here only the environment may decide.
-  monkeypatch.setattr(parallel, "_on_tpu_vm", lambda: False)
+  monkeypatch.setattr(multihost, "_on_tpu_vm", lambda: False)
   return record
 
 
@@ -92,7 +95,7 @@ def test_initialize_explicit_coordinator(recorder):
   config.coordinator_address, config.num_processes, config.process_id = "10.0.0.1:1234", 4, 2
   assert parallel.initialize(config) is True
   assert recorder.calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
-                             "process_id": 2}]
+                             "process_id": 2, **RUNTIME_TIMEOUTS}]
 
 
 @pytest.mark.parametrize("env", [{"SLURM_NTASKS": "4"}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"},
@@ -101,7 +104,7 @@ def test_initialize_leaves_cluster_detection_to_jax(recorder, monkeypatch, env):
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   assert parallel.initialize(base_config().distributed) is True
-  assert recorder.calls == [{}]
+  assert recorder.calls == [RUNTIME_TIMEOUTS]
 
 
 def test_initialize_rejects_a_bad_process_id(recorder):

@@ -31,7 +31,6 @@ from convirt_jax.models.convirt import build_model
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints, classifier_steps
 from convirt_jax.training import state as state_lib
-from convirt_jax.transfer_config import transfer_config
 from convirt_jax import transfer_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,36 +107,6 @@ def convirt_dir(root):
   return path
 
 
-def tiny_transfer_config(root: str, encoders) -> ml_collections.ConfigDict:
-  c = transfer_config()
-  c.encoders = tuple(encoders)
-  c.fractions = (0.1, 1.0)
-  c.seeds = (0,)
-  c.min_train = 10
-  c.model.image.depth, c.model.image.width = 18, 0.25
-  c.data.image_size = 32
-  c.data.stored_size = 40
-  c.data.tfds_dir = os.path.join(root, "tfds")
-  c.data.num_threads = 1
-  s = c.data.synthetic
-  s.num_train, s.num_validation, s.num_test = 64, 32, 48
-  s.retrieval_per_category = s.retrieval_queries_per_category = 0
-  s.seed, s.noise_scale, s.contrast_scale = 1, 1.5, 0.85
-  c.finetune.lr = 1e-3
-  c.finetune.batch_size = 16
-  c.finetune.epochs = 1.0
-  c.finetune.min_steps = 4
-  c.finetune.eval_every_steps = 2
-  c.finetune.log_every_steps = 2
-  c.finetune.patience = 0
-  c.linear.c_grid = (1.0,)
-  c.linear.max_iter = 200
-  c.eval.batch_size = 32
-  from convirt_jax.data import synthetic_cxr  # pylint: disable=g-import-not-at-top
-  c.zeroshot.prompts = {k: tuple(v[:2]) for k, v in synthetic_cxr.RETRIEVAL_TEXT_QUERIES.items()}
-  return c
-
-
 @pytest.fixture(scope="module")
 def job(root, convirt_dir):
   """The job run once on (ConVIRT, Random Init.), every call of the shared subset function recorded."""
@@ -152,7 +121,7 @@ def job(root, convirt_dir):
     return subset
 
   workdir = os.path.join(root, "job")
-  config = tiny_transfer_config(root, (convirt_dir, "random"))
+  config = tiny_config.transfer(root, (convirt_dir, "random"))
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(linear_probe, "sample_training_subset", spy)
     results = transfer_job.run(config, workdir)
@@ -422,7 +391,7 @@ def _assert_tree_equal(got, want):
 
 
 def test_loading_each_encoder_kind(convirt_dir, root, caplog):
-  config = tiny_transfer_config(root, ())
+  config = tiny_config.transfer(root, ())
   for spec, step in ((convirt_dir, 4), (f"{convirt_dir}@best", 4), (f"{convirt_dir}@latest", 6),
                      (f"{convirt_dir}@2", 2)):
     config.encoders = (spec,)
@@ -465,7 +434,7 @@ def test_loading_each_encoder_kind(convirt_dir, root, caplog):
 
 
 def _bad(root, convirt_dir, **changes):
-  config = tiny_transfer_config(root, (convirt_dir, "random"))
+  config = tiny_config.transfer(root, (convirt_dir, "random"))
   config.update_from_flattened_dict({key.replace("__", "."): value for key, value in changes.items()})
   return config
 

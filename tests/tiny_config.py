@@ -58,3 +58,36 @@ def cosine(tfds_dir, **overrides):
   """The embedded default's schedule (linear warm-up, then cosine decay), shrunk to the tiny run: the
   config of the shared finished run (conftest.py's tiny_run)."""
   return tiny(tfds_dir, optimizer__schedule="cosine", optimizer__warmup_steps=2, **overrides)
+
+
+def transfer(root: str, encoders):
+  """The transfer config on tiny encoders and a tiny synthetic labelled set (built under root/tfds):
+  linear, fine-tuning and zero-shot at 10% and 100% of the labels, one seed."""
+  from convirt_jax.transfer_config import transfer_config  # pylint: disable=g-import-not-at-top
+  c = transfer_config()
+  c.encoders = tuple(encoders)
+  c.fractions = (0.1, 1.0)
+  c.seeds = (0,)
+  c.min_train = 10
+  c.model.image.depth, c.model.image.width = 18, 0.25
+  c.data.image_size = 32
+  c.data.stored_size = 40
+  c.data.tfds_dir = os.path.join(root, "tfds")
+  c.data.num_threads = 1
+  s = c.data.synthetic
+  s.num_train, s.num_validation, s.num_test = 64, 32, 48
+  s.retrieval_per_category = s.retrieval_queries_per_category = 0
+  s.seed, s.noise_scale, s.contrast_scale = 1, 1.5, 0.85
+  c.finetune.lr = 1e-3
+  c.finetune.batch_size = 16
+  c.finetune.epochs = 1.0
+  c.finetune.min_steps = 4
+  c.finetune.eval_every_steps = 2
+  c.finetune.log_every_steps = 2
+  c.finetune.patience = 0
+  c.linear.c_grid = (1.0,)
+  c.linear.max_iter = 200
+  c.eval.batch_size = 32
+  from convirt_jax.data import synthetic_cxr  # pylint: disable=g-import-not-at-top
+  c.zeroshot.prompts = {k: tuple(v[:2]) for k, v in synthetic_cxr.RETRIEVAL_TEXT_QUERIES.items()}
+  return c

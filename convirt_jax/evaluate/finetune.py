@@ -304,7 +304,7 @@ class Finetuner:
       if self.bar is not None:
         self.bar.update(1)
       last = step == run.steps
-      stopping = self.preempted is not None and self.preempted.is_set(manager, step)
+      stopping = self.preempted is not None and self.preempted.is_set(manager, offset + step)
       evaluate = last or step % ft.eval_every_steps == 0
       if window and (last or stopping or evaluate or step % ft.log_every_steps == 0):
         summary = _summarise(window, run)
