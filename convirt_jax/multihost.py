@@ -186,17 +186,22 @@ def check_agreement(num_processes: int, job_config: Mapping[str, Any] | None, ti
   from convirt_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   here = jax.process_index()
   count = jax.process_count()
-  if num_processes and num_processes != count:
-    raise ConfigError(f"{flag('num_processes')}={num_processes}, but the coordinator runs a job of "
-                      f"{count} processes: give every process the same {flag('num_processes')}")
   settings = {"num_processes": num_processes, "config": _flat(job_config or {})}
   settings["config"].pop("distributed.process_id", None)
   client = _client()
+  # Published first, so that every process can tell what differs, also when this one stops here.
   client.key_value_set(f"{_KEY}/settings/{here}", json.dumps(settings, sort_keys=True, default=str))
+  if num_processes and num_processes != count:
+    raise ConfigError(f"{flag('num_processes')}={num_processes}, but the coordinator runs a job of "
+                      f"{count} processes: give every process the same {flag('num_processes')}")
   for other in range(count):
     if other == here:
       continue
-    theirs = json.loads(client.blocking_key_value_get(f"{_KEY}/settings/{other}", timeout * 1000))
+    try:
+      theirs = json.loads(client.blocking_key_value_get(f"{_KEY}/settings/{other}", timeout * 1000))
+    except Exception:  # pylint: disable=broad-except  (a deadline: the runtime's own error type)
+      raise ConfigError(f"process {other} did not report its settings within {timeout} s "
+                        f"({flag('initialization_timeout_seconds')})") from None
     if theirs["num_processes"] != num_processes:
       raise ConfigError(f"process {other} was started with {flag('num_processes')}="
                         f"{theirs['num_processes']}, this process ({here}) with {num_processes}: give "
