@@ -24,11 +24,17 @@ metadata), which is what a resumed run keeps (pretrain._resume_step), and what t
 `ConVIRT.load` and the export read. Evaluation texts (whole reports, retrieval queries) are tokenized to the
 same length, as they always were to the fixed one.
 
-Bucketing, for whole-report runs (data.whole_report), was measured and is not worth building: a bucket is a
-batch padded to its own longest text, and a batch of 32 random reports almost always holds one near the top
-of the distribution. On the synthetic corpus (configs/synthetic.py, 2,000 whole reports) "auto" chooses 88
-tokens; batches of 32 padded to their longest report (rounded up to 8) would average 84.5, 4% fewer tokens,
-for up to five more compiled programs. Report sentences (the paper's setting) are tighter still.
+What it saves, counted by `text_tower_flops` for the paper's text tower (BERT-base, embeddings and 6
+layers frozen, bfloat16, one global batch of 32): 1,437 GFLOP per step at 128 tokens, 708 at 64, 529 at 48,
+440 at 40, 351 at 32, 263 at 24 (about 2/3 of the whole step is the text tower at 128). On the synthetic
+corpus (configs/synthetic.py's 2,000 training reports and its corpus vocabulary) "auto" gives 24 for
+sentences (the longest has 20 tokens) and 104 for whole reports (uncapped; 0.1% truncated, longest 111).
+
+Bucketing (a batch padded to its own longest text, one compiled program per bucket) was measured for
+whole-report runs (data.whole_report) and not built: on that corpus, random batches of 32 whole reports
+padded to their longest (rounded up to 8, at most 104) average 84.4 positions, 19% fewer than 104, which is
+about 12% of a paper-size step, for 7 compiled programs instead of 1 (each paper-size compile took minutes)
+and a length every process must agree on at every step. Sentences gave the same 20% (buckets 16 and 24).
 """
 import dataclasses
 import os
@@ -87,7 +93,9 @@ def measure(source: Sequence[Mapping[str, Any]], tokenizer, *, whole_report: boo
         weights.extend([1.0 / len(sentences)] * len(sentences))
     for length, weight in zip(tokenizer.token_counts(texts).tolist(), weights):
       counts[length] = counts.get(length, 0.0) + weight
-  return counts
+  # Sorted as the cache is, so that every process sums the same floats in the same order, whether it
+  # measured or read the cache, and chooses the same length.
+  return {n: counts[n] for n in sorted(counts)}
 
 
 def choose_length(counts: Mapping[int, float], cap: int, coverage: float | None = None,
@@ -123,7 +131,8 @@ def _read_cache(path: str, tokenizer) -> Counts | None:
     saved = storage.read_json(path)
     if saved.get("tokenizer") != tokenizer.fingerprint():
       return None
-    return {int(n): float(w) for n, w in saved["counts"].items()}
+    counts = {int(n): float(w) for n, w in saved["counts"].items()}
+    return {n: counts[n] for n in sorted(counts)}
   except (OSError, ValueError, KeyError, AttributeError, TypeError):
     return None  # missing, half-written by another process, or from another version: measured again
 
