@@ -88,6 +88,8 @@ def step_config(args, batch: int, mode: str, precision: str):
     return memory.paper_config(args, batch, mode, min(args.microbatch, batch), precision)
   from convirt_jax.models.bert import BertConfig
   config = load_config_file(args.config)
+  if config.model.text.max_length == "auto":  # the job chooses it from the training texts; time --seq_len
+    config.model.text.max_length = args.seq_len
   config.train.batch_size = batch
   config.train.precision = precision
   config.train.remat = mode.endswith("remat")

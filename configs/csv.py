@@ -18,6 +18,7 @@ def get_config():
   c.model.image.depth = 50
   c.model.image.init_from = "torchvision"
   c.model.text.init_from = "emilyalsentzer/Bio_ClinicalBERT"
+  c.model.text.max_length = "auto"    # 99.9% of the training sentences whole (README: text length)
   c.optimizer.schedule = "plateau"
   c.checkpoint.every_steps = 1000
   c.eval.every_steps = 1000

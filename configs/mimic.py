@@ -38,7 +38,7 @@ def get_config():
   c.model.image.init_from = "torchvision"
   c.model.text.init_from = "emilyalsentzer/Bio_ClinicalBERT"
   c.model.text.frozen_layers = 6
-  c.model.text.max_length = 128
+  c.model.text.max_length = "auto"    # 99.9% of the training sentences whole (README: text length)
   c.train.batch_size = 32
   c.train.epochs = 100
   c.train.stop_patience = 15

@@ -9,6 +9,7 @@ from convirt_jax.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUTO = "auto"  # model.text.max_length chosen from the training texts (text_length.py)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,7 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text.vocab_size = 4000      # size of a vocabulary learned from the corpus
   c.model.text.frozen_layers = 6      # embeddings + this many first layers get no update; -1 = none frozen
   c.model.text.pooling = "max"        # "max" (paper) | "mean" | "cls"
-  c.model.text.max_length = 128
+  # Tokens per text, [CLS] and [SEP] included: an integer, or "auto": the pretraining job measures the
+  # training texts with its tokenizer and takes the smallest multiple of 8 that holds 99.9% of them whole
+  # (capped by the BERT's max_position_embeddings; see text_length.py). The job records the integer it
+  # chose (config.json, checkpoints), so a resumed run, ConVIRT.load and export use that one.
+  c.model.text.max_length = ml_collections.FieldReference(128, field_type=object)  # int or "auto"
   c.model.projection_dim = 512
   c.model.projection_hidden = 512
 
@@ -171,7 +176,7 @@ _CHOICES = {
     "train.remat": (False, True),
     "optimizer.schedule": ("constant", "cosine", "plateau"),
 }
-_POSITIVE = ("model.image.width", "model.text.max_length", "model.projection_dim",
+_POSITIVE = ("model.image.width", "model.projection_dim",
              "model.projection_hidden", "loss.temperature", "data.image_size", "data.stored_size",
              "train.batch_size", "optimizer.lr", "checkpoint.every_steps", "checkpoint.keep",
              "eval.every_steps", "eval.batch_size")
@@ -185,6 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   check_keys_and_values(config, base_config(), _CHOICES, _POSITIVE)
   get = lambda key: _get(config, key)
+  check_text_length(config.model.text.max_length)
   if not 0.0 <= config.loss.image_weight <= 1.0:
     raise ConfigError(f"config.loss.image_weight={config.loss.image_weight}: must be in [0, 1]")
   if not isinstance(config.train.microbatch_size, int) or config.train.microbatch_size < 0:
@@ -223,7 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"{bert['num_hidden_layers']} layers of the randomly initialised BERT "
                         "(model.text.config.num_hidden_layers); a random encoder has nothing worth "
                         "freezing: set --config.model.text.frozen_layers=-1")
-    if text.max_length > bert.get("max_position_embeddings", 512):
+    if text.max_length != AUTO and text.max_length > bert.get("max_position_embeddings", 512):
       raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
                         f"max_position_embeddings={bert.get('max_position_embeddings', 512)}")
   for lo_hi in ("augment.crop_scale", "augment.scale", "augment.brightness", "augment.contrast",
@@ -231,6 +237,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lo, hi = get(lo_hi)
     if not 0 <= lo <= hi:
       raise ConfigError(f"config.{lo_hi}={(lo, hi)}: must be (low, high) with 0 <= low <= high")
+
+
+def check_text_length(value) -> None:
+  """model.text.max_length is "auto" or an integer >= 2, else a one-line ConfigError."""
+  if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+    return
+  raise ConfigError(f"config.model.text.max_length={value!r}: must be \"auto\" (chosen from the training "
+                    "texts) or an integer >= 2 (tokens per text, [CLS] and [SEP] included)")
 
 
 def check_keys_and_values(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,

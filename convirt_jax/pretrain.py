@@ -5,6 +5,7 @@
 `main.py` calls `run`. Everything reusable (state, optimizer, steps, checkpoints, logging) is in
 `convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
 """
+import copy
 import math
 import os
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from convirt_jax import config as config_lib
 from convirt_jax import parallel
 from convirt_jax import storage
+from convirt_jax import text_length as text_length_lib
 from convirt_jax.data import datasets, pipeline
 from convirt_jax.errors import ConfigError, DataError, TrainingDiverged, UserError
 from convirt_jax.evaluate import downstream, plots, results as results_lib
@@ -39,6 +41,7 @@ LOSS_CURVE_PNG = "loss_curve.png"
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains (or resumes), evaluates and writes everything into `workdir`; returns the results."""
   config_lib.validate(config)
+  config = copy.deepcopy(config)  # model.text.max_length="auto" is resolved in the job's own copy
   workdir = storage.check(workdir, "--workdir")
   storage.check(config.data.tfds_dir, "--config.data.tfds_dir")
   parallel.initialize(config.distributed)
@@ -94,15 +97,28 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
   finally:
     reader.close()
   if step:
+    saved_length = meta["config"].get("model", {}).get("text", {}).get("max_length")
+    if config.model.text.max_length == config_lib.AUTO and isinstance(saved_length, int):
+      # "auto" was resolved when the run started and recorded with its config: a resumed run keeps it.
+      _set_text_length(config, saved_length)
+      metric_logging.announce(f"Text length {saved_length} tokens (model.text.max_length=\"auto\"): as "
+                              f"chosen when the run in {workdir} started")
     _check_resumable(meta["config"], config, workdir)
   return step or 0
+
+
+def _set_text_length(config: ml_collections.ConfigDict, length: int) -> None:
+  """Records the length "auto" resolved to in the job's config (so in config.json and the checkpoints)."""
+  with config.model.text.ignore_type():
+    config.model.text.max_length = int(length)
 
 
 def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, resume_step: int,
                         text_dir: str, pretrained_image) -> dict[str, Any]:
   is_main = parallel.is_main_process()
-  tokenizer, text_config, text_params = setup_text(config, dataset, workdir, text_dir,
-                                                   resuming=resume_step > 0)
+  study_sizes = datasets.study_sizes(dataset, "train") if config.data.unit == "study" else None
+  tokenizer, text_config, text_params, length_choice = setup_text(
+      config, dataset, workdir, text_dir, resuming=resume_step > 0, study_sizes=study_sizes)
   # The start of training and the ImageNet baseline of the evaluation.
   pretrained = {"params": {}, "batch_stats": {}}
   if pretrained_image is not None:
@@ -111,12 +127,14 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   if text_params is not None:
     pretrained["params"]["text"] = text_params
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
-  study_sizes = datasets.study_sizes(dataset, "train") if config.data.unit == "study" else None
   steps_total = total_steps(config, len(dataset.sources["train"]) if study_sizes is None else len(study_sizes))
   image_size, text_length = config.data.image_size, config.model.text.max_length
   shapes = state_lib.param_shapes(model, image_size, text_length)
   optimizer = optimizer_lib.make_optimizer(config, shapes, steps_total)
   metric_logging.announce(optimizer_lib.describe_parameters(shapes, config.model.text.frozen_layers))
+  if length_choice is not None and is_main:
+    metric_logging.announce(text_length_lib.describe(
+        length_choice, _text_flops(config, model, shapes, length_choice), config.train.batch_size))
 
   state = state_lib.init_train_state(model, optimizer, jax.random.key(config.train.seed), image_size,
                                      text_length, params_override=pretrained)
@@ -222,28 +240,32 @@ def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
   return max(1, int(config.train.epochs * num_train // config.train.batch_size))
 
 
-def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_dir: str, resuming: bool):
-  """The tokenizer, BertConfig and (when initialised from a checkpoint) BERT params of this run.
+def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_dir: str, resuming: bool,
+               study_sizes: np.ndarray | None = None):
+  """The tokenizer, BertConfig, (when initialised from a checkpoint) BERT params of this run, and the
+  `text_length.Choice` that model.text.max_length="auto" resolved to (None for a fixed length).
 
   The tokenizer and BertConfig are written into the workdir, so the run can be loaded (ConVIRT.load,
   export) without the original checkpoint directory. A resumed run keeps the tokenizer it was trained
-  with. Every process builds the same tokenizer itself (a corpus vocabulary is deterministic), so no
-  process waits for another.
+  with (and the text length: `_resume_step` has replaced "auto" by it). Every process builds the same
+  tokenizer itself (a corpus vocabulary is deterministic) and resolves "auto" itself (from the same
+  cached or measured counts; process 0 writes the cache), so no process waits for another.
   """
   text = config.model.text
+  auto = text.max_length == config_lib.AUTO
+  length = 2 if auto else text.max_length  # "auto": set below, once the training texts are counted
   tokenizer_dir = os.path.join(workdir, checkpoints.TOKENIZER_DIR)
   text_config_path = os.path.join(workdir, checkpoints.TEXT_CONFIG_FILE)
+  train_texts = None  # the train split without decoded images, opened if its texts are read
   if resuming:
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=text.max_length)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=length)
   elif text.tokenizer == "corpus":
-    train = dataset.sources["train"]
-    texts = [pipeline.whole_text(train[i]) for i in range(len(train))]
-    tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=text.max_length)
+    train_texts = datasets.text_source(dataset, "train")
+    texts = [pipeline.whole_text(train_texts[i]) for i in range(len(train_texts))]
+    tokenizer = Tokenizer.from_corpus(texts, text.vocab_size, max_length=length)
   else:
     tokenizer = Tokenizer.from_pretrained(resolve_hf_dir(text.tokenizer) if text.tokenizer else text_dir,
-                                          max_length=text.max_length)
-  if parallel.is_main_process() and not resuming:
-    tokenizer.save(tokenizer_dir)
+                                          max_length=length)
   text_params = None
   if text_dir:
     text_config, text_params = load_hf_bert(text_dir)
@@ -252,12 +274,34 @@ def setup_text(config: ml_collections.ConfigDict, dataset, workdir: str, text_di
   if text_config.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the BERT's vocab_size is "
                       f"{text_config.vocab_size} (config.model.text.tokenizer / init_from)")
+  choice = None
+  if auto:
+    choice = text_length_lib.choose(
+        train_texts if train_texts is not None else datasets.text_source(dataset, "train"), tokenizer,
+        cap=text_config.max_position_embeddings, whole_report=bool(config.data.whole_report),
+        study_sizes=study_sizes, dataset_dir=dataset.info.data_dir,
+        write_cache=parallel.is_main_process())
+    _set_text_length(config, choice.length)
+    tokenizer = tokenizer.with_max_length(choice.length)
   if text_config.max_position_embeddings < text.max_length:
     raise ConfigError(f"config.model.text.max_length={text.max_length} exceeds the BERT's "
                       f"max_position_embeddings={text_config.max_position_embeddings}")
+  if parallel.is_main_process() and not resuming:
+    tokenizer.save(tokenizer_dir)
   if parallel.is_main_process():
     storage.write_json(text_config_path, text_config.to_dict())
-  return tokenizer, text_config, text_params
+  return tokenizer, text_config, text_params, choice
+
+
+def _text_flops(config: ml_collections.ConfigDict, model, shapes, choice) -> tuple[float, float] | None:
+  """(FLOPs at the old fixed length, at the chosen one) of a step's text tower, or None."""
+  reference = min(text_length_lib.REFERENCE_LENGTH, choice.cap)
+  if choice.length >= reference:
+    return None
+  frozen = optimizer_lib.frozen_mask(shapes, config.model.text.frozen_layers)
+  counts = [text_length_lib.text_tower_flops(model, shapes, frozen, config.train.batch_size, n)
+            for n in (reference, choice.length)]
+  return None if None in counts else (counts[0], counts[1])
 
 
 def _pretrained_image(config: ml_collections.ConfigDict):

@@ -6,6 +6,7 @@ stripping and CJK splitting come from tokenizer_config.json with HF's defaults (
 normalizer stored in tokenizer.json). Instances pickle by their settings, for grain worker processes.
 """
 import collections
+import hashlib
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -55,6 +56,7 @@ class Tokenizer:
       if self._settings[name] not in self._vocab:
         raise ValueError(f"{name}={self._settings[name]!r} is not in the vocabulary.")
     self._backend = self._build_backend()
+    self._counter = None  # built on first use by token_counts
 
   def _build_backend(self) -> tokenizers.Tokenizer:
     s = self._settings
@@ -145,6 +147,30 @@ class Tokenizer:
   def pad_token_id(self) -> int:
     return self._vocab[self._settings["pad_token"]]
 
+  def with_max_length(self, max_length: int) -> "Tokenizer":
+    """The same tokenizer padding and truncating to another length."""
+    settings = dict(self._settings, max_length=max_length)
+    return Tokenizer(self._vocab, **settings)
+
+  def fingerprint(self) -> str:
+    """A short hash of what decides the token ids of a text (vocabulary, normalisation, special
+    tokens), not of the padded length: equal fingerprints count the same tokens in every text."""
+    settings = {k: v for k, v in self._settings.items() if k != "max_length"}
+    content = json.dumps({"vocab": sorted(self._vocab.items(), key=lambda item: item[1]),
+                          "settings": settings}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+
+  def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+    """int64 [N]: the tokens of each text with [CLS] and [SEP], neither truncated nor padded (the
+    length a text needs so that `__call__` does not cut it)."""
+    if isinstance(texts, str):
+      raise TypeError("Tokenizer expects a sequence of texts, not a single string.")
+    if self._counter is None:
+      self._counter = tokenizers.Tokenizer.from_str(self._backend.to_str())
+      self._counter.no_padding()
+      self._counter.no_truncation()
+    return np.array([len(e.ids) for e in self._counter.encode_batch_fast(list(texts))], np.int64)
+
   def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
     if isinstance(texts, str):
       raise TypeError("Tokenizer expects a sequence of texts, not a single string.")
@@ -186,3 +212,4 @@ class Tokenizer:
   def __setstate__(self, state: dict[str, Any]) -> None:
     self._vocab, self._settings = state["vocab"], state["settings"]
     self._backend = self._build_backend()
+    self._counter = None

@@ -98,6 +98,19 @@ def test_pickle_round_trip():
   assert restored.max_length == 32
 
 
+def test_token_counts_are_the_uncut_lengths_and_the_fingerprint_ignores_the_padded_length():
+  short = Tokenizer.from_pretrained(MINILM, max_length=8)
+  counts = short.token_counts(TEXTS)
+  whole = Tokenizer.from_pretrained(MINILM, max_length=512)(TEXTS)["attention_mask"].sum(axis=1)
+  np.testing.assert_array_equal(np.minimum(counts, 512), whole)  # one text is longer than 512
+  assert counts.max() > 512, "not cut at max_length"
+  longer = short.with_max_length(24)
+  assert longer.max_length == 24 and longer(TEXTS)["input_ids"].shape == (len(TEXTS), 24)
+  assert longer.fingerprint() == short.fingerprint()
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(short)).token_counts(TEXTS), counts)
+  assert Tokenizer.from_corpus(TEXTS, vocab_size=200).fingerprint() != short.fingerprint()
+
+
 def test_a_large_batch_is_one_padded_array():
   # Its speed is measured by benchmarks/pipeline_throughput.py, not asserted here (a busy machine).
   tokenizer = Tokenizer.from_pretrained(MINILM, max_length=128)

@@ -44,7 +44,7 @@ from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
 
 __all__ = ["DataError", "Dataset", "load_dataset", "decode_record", "as_text", "make_builder",
-           "prepared_dir", "label_counts", "unscorable_labels"]
+           "prepared_dir", "label_counts", "unscorable_labels", "text_source"]
 
 # config.data.name -> (module, builder class) under convirt_jax.data.builders; imported on use.
 _BUILDERS = {
@@ -229,6 +229,13 @@ def _refuse_skipped_records(path: str, metadata: Mapping[str, Any]) -> None:
                     f"and skipped records ({summary}). To rebuild it strictly (stopping at the first bad "
                     f"record), delete that directory (rm -r {path}) or set config.data.tfds_dir to another "
                     "directory; or set config.data.strict=False to use it as it is")
+
+
+def text_source(dataset: Dataset, split: str):
+  """The split's records with "image" left as its encoded bytes: for reading the text of a whole split
+  (the corpus vocabulary, the text lengths), without decoding every image."""
+  reader = tfds.builder_from_directory(dataset.info.data_dir)
+  return reader.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def label_counts(dataset: Dataset, split: str) -> dict[str, dict[str, int]]:
