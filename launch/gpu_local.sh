@@ -17,10 +17,12 @@ usage() {
   cat <<EOF
 Usage: $SCRIPT_NAME [--setup] [options] --config=FILE --workdir=DIR [--config.KEY=VALUE ...] [-- ...]
 
-Trains on every GPU of this machine with one process; relative paths are taken from the repository
+Runs the job (pretraining or transfer) on every GPU of this machine with one process; relative paths are taken from the repository
 root ($REPO_ROOT). With --setup and neither --config nor --workdir, only installs.
 
 Options; each can also be given as the environment variable in brackets:
+  --job=JOB           [JOB]         pretrain (default: python -m convirt_jax.main), transfer
+                                    (python -m convirt_jax.transfer) or a module name
   --config=FILE       [CONFIG]      config file, e.g. configs/mimic.py
   --workdir=DIR       [WORKDIR]     output directory (a local path)
   --setup             [SETUP=1]     first create the venv (if absent), install requirements.txt + jax[cudaNN]
@@ -33,14 +35,17 @@ Options; each can also be given as the environment variable in brackets:
 Arguments of the form --config.KEY=VALUE, anywhere or after --, go to the program unchanged.
 JAX_PLATFORMS defaults to cuda, so a broken GPU installation fails instead of training on the CPU.
 
-Example:
+Examples:
   $SCRIPT_NAME --setup --config=configs/mimic.py --workdir=runs/mimic --config.train.batch_size=256
+  $SCRIPT_NAME --job=transfer --config=configs/transfer/chexpert.py --workdir=runs/transfer_chexpert \\
+      --config.encoders="('runs/mimic','imagenet','random')" --config.data.dir=/data/chexpert
 EOF
 }
 
 # shellcheck source=launch/lib.sh
 source "$REPO_ROOT/launch/lib.sh"
 
+JOB=${JOB:-pretrain}
 CONFIG=${CONFIG:-}
 WORKDIR=${WORKDIR:-}
 SETUP=${SETUP:-0}
@@ -58,7 +63,7 @@ while (( $# > 0 )); do
   esac
   if [[ $1 == --*=* ]]; then
     flag=${1%%=*}; value=${1#*=}; shift
-  elif [[ $1 =~ ^--(config|workdir|cuda|venv|python)$ ]]; then
+  elif [[ $1 =~ ^--(job|config|workdir|cuda|venv|python)$ ]]; then
     [[ $# -ge 2 && $2 != -* ]] || die "$1 needs a value"
     flag=$1; value=$2; shift 2
   else
@@ -68,6 +73,7 @@ while (( $# > 0 )); do
     -h | --help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1 ;;
     --setup) SETUP=1 ;;
+    --job) JOB=$value ;;
     --config) CONFIG=$value ;;
     --workdir) WORKDIR=$value ;;
     --cuda) CUDA_MAJOR=$value ;;
@@ -77,6 +83,7 @@ while (( $# > 0 )); do
   esac
 done
 
+job_module "$JOB"
 [[ $CUDA_MAJOR =~ ^(auto|12|13)$ ]] || die "CUDA_MAJOR must be auto, 12 or 13, got '$CUDA_MAJOR'"
 train=1
 if is_true "$SETUP" && [[ -z $CONFIG && -z $WORKDIR && ${#overrides[@]} -eq 0 ]]; then train=0; fi
@@ -138,7 +145,7 @@ python=$PYTHON
 if [[ -x $VENV/bin/python ]] || is_true "$SETUP"; then python=$VENV/bin/python; fi
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 (( DRY_RUN )) && echo "export JAX_PLATFORMS=$(quote "$JAX_PLATFORMS")"
-main=("$python" -m convirt_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${overrides[@]}")
+main=("$python" -m "$JOB_MODULE" --config="$CONFIG" --workdir="$WORKDIR" "${overrides[@]}")
 if (( DRY_RUN )); then
   run "${main[@]}"
 else

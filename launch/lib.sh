@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Helpers shared by tpu_vm.sh and gpu_local.sh (sourced; they set SCRIPT_NAME and DRY_RUN).
-# slurm.sbatch keeps its own copy: sbatch runs a spooled copy of it, where no sibling file is found.
+# Helpers shared by tpu_vm.sh, gpu_local.sh and slurm.sbatch (sourced; they set SCRIPT_NAME and DRY_RUN).
+# slurm.sbatch finds this file through REPO_DIR: sbatch runs a spooled copy of it, with no sibling file.
 
 die() { echo "$SCRIPT_NAME: error: $*" >&2; exit 2; }
 note() { echo "$SCRIPT_NAME: $*" >&2; }
@@ -23,4 +23,18 @@ join_quoted() {
 # Runs a command, or prints it (copy-pastable) under --dry-run.
 run() {
   if (( DRY_RUN )); then join_quoted "$@"; echo; else "$@"; fi
+}
+
+# --job / JOB: the program a script starts, pretrain (the default), transfer or a module name (a.b).
+# Sets JOB_MODULE, or stops naming the accepted values.
+# shellcheck disable=SC2034  # JOB_MODULE is read by the scripts that source this file
+job_module() {
+  case $1 in
+    pretrain) JOB_MODULE=convirt_jax.main ;;
+    transfer) JOB_MODULE=convirt_jax.transfer ;;
+    *)
+      [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$ ]] ||
+        die "JOB must be pretrain, transfer or a module name such as convirt_jax.transfer (--job=... or JOB=...), got '$1'"
+      JOB_MODULE=$1 ;;
+  esac
 }

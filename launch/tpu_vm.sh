@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# convirt_jax on a Cloud TPU VM or pod slice: create, setup, run, logs, stop, delete.
+# convirt_jax on a Cloud TPU VM or pod slice: create, setup, run (pretraining or transfer), logs, stop,
+# delete.
 #
 # Every worker of a slice runs the same command (gcloud `--worker=all`); jax.distributed.initialize()
 # in the program finds the other workers on its own on Cloud TPU, so nothing distributed is passed here.
@@ -21,8 +22,8 @@ Commands, run in the order given (e.g. "create setup run"):
   create   create the TPU VM / pod slice; an existing one of that name is reused
   setup    put the code on every worker (a copy of this working tree, or git clone --repo at --ref),
            make a Python 3.11 venv there and install requirements.txt + jax[tpu]
-  run      start training on every worker, detached (setsid nohup) so it survives the ssh session;
-           each worker appends to REMOTE_DIR/logs/convirt.log
+  run      start the job (--job: pretraining or transfer) on every worker, detached (setsid nohup)
+           so it survives the ssh session; each worker appends to REMOTE_DIR/logs/convirt.log
   logs     print the end of one worker's log (--worker, default 0; --follow to keep following)
   stop     stop the run on every worker
   delete   delete the TPU VM / pod slice
@@ -41,6 +42,8 @@ Options; each can also be given as the environment variable in brackets:
   --remote-dir=DIR       [REMOTE_DIR]        code directory on the workers, relative to their home
                                              (default: convirt_jax)
   --python-version=X.Y   [PYTHON_VERSION]    setup: the venv's Python, fetched by uv if absent (default: 3.11)
+  --job=JOB              [JOB]               run: pretrain (default: python -m convirt_jax.main), transfer
+                                             (python -m convirt_jax.transfer) or a module name
   --config=FILE          [CONFIG]            run: config file, relative to the code directory
   --workdir=gs://B/P     [WORKDIR]           run: the run's bucket path, gs://BUCKET/PATH, which every worker
                                              reads and writes directly; or else an absolute path that every
@@ -53,9 +56,12 @@ Options; each can also be given as the environment variable in brackets:
 
 Arguments of the form --config.KEY=VALUE, anywhere or after --, go to the program unchanged.
 
-Example:
+Examples:
   $SCRIPT_NAME create setup run --zone=us-central2-b --name=convirt-v4 --accelerator-type=v4-32 \\
       --config=configs/mimic.py --workdir=gs://my-bucket/convirt/run1 --config.train.batch_size=256
+  $SCRIPT_NAME run --job=transfer --zone=us-central2-b --name=convirt-v4 \\
+      --config=configs/transfer/chexpert.py --workdir=gs://my-bucket/convirt/chexpert \\
+      --config.encoders="('gs://my-bucket/convirt/run1','imagenet','random')" --config.data.dir=/data/chexpert
 EOF
 }
 
@@ -76,6 +82,7 @@ REPO=${REPO:-}
 REF=${REF:-main}
 REMOTE_DIR=${REMOTE_DIR:-convirt_jax}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
+JOB=${JOB:-pretrain}
 CONFIG=${CONFIG:-}
 WORKDIR=${WORKDIR:-}
 ATTACH=${ATTACH:-0}
@@ -89,7 +96,7 @@ overrides=()
 takes_value() {
   case $1 in
     --project | --zone | --name | --accelerator-type | --runtime-version | --repo | --ref | --remote-dir | \
-      --python-version | --config | --workdir | --worker) return 0 ;;
+      --python-version | --job | --config | --workdir | --worker) return 0 ;;
     *) return 1 ;;
   esac
 }
@@ -123,6 +130,7 @@ while (( $# > 0 )); do
     --ref) REF=$value ;;
     --remote-dir) REMOTE_DIR=$value ;;
     --python-version) PYTHON_VERSION=$value ;;
+    --job) JOB=$value ;;
     --config) CONFIG=$value ;;
     --workdir) WORKDIR=$value ;;
     --worker) WORKER=$value ;;
@@ -130,6 +138,7 @@ while (( $# > 0 )); do
   esac
 done
 
+job_module "$JOB"
 (( ${#commands[@]} > 0 )) || die "no command given: one or more of create, setup, run, logs, stop, delete"
 [[ -n $ZONE ]] || die "ZONE is not set (--zone or ZONE=...)"
 [[ -n $TPU_NAME ]] || die "TPU_NAME is not set (--name or TPU_NAME=...)"
@@ -220,7 +229,7 @@ cmd_run() {
   [[ $WORKDIR == gs://?* || $WORKDIR == /?* ]] ||
     die "WORKDIR must be an absolute path on storage all workers share (a gcsfuse mount, /gcs/BUCKET/PATH) or gs://BUCKET/PATH, got '$WORKDIR'"
   local main
-  main=$(join_quoted .venv/bin/python -m convirt_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+  main=$(join_quoted .venv/bin/python -m "$JOB_MODULE" --config="$CONFIG" --workdir="$WORKDIR" \
     "${overrides[@]}")
   local cmd="set -euo pipefail; cd $remote_dir; mkdir -p logs; "
   if is_true "$ATTACH"; then

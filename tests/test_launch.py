@@ -557,3 +557,111 @@ def test_gpu_local_missing_config_file_fails(sandbox):
                        env={"PYTHON": "python3", "VENV": str(sandbox.path / "no-venv")})
   assert result.returncode != 0
   assert "CONFIG file not found: configs/no_such_config.py" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ --job
+
+# Per script: the arguments and environment of a dry run, and the words of the program's command in it.
+_JOB_DRY_RUNS = {
+    "tpu_vm.sh": (("run", *_TPU, "--config=configs/transfer/chexpert.py", "--workdir=gs://b/transfer"), {},
+                  lambda out: shlex.split(_remote_command(_gcloud_lines(out)[0]).split("setsid nohup ")[1])),
+    "gpu_local.sh": (("--config=configs/transfer/chexpert.py", "--workdir=runs/transfer"),
+                     {"PYTHON": "python", "VENV": "/no-venv"}, lambda out: shlex.split(out.splitlines()[-1])),
+    "slurm.sbatch": (("--config=configs/transfer/chexpert.py", "--workdir=/shared/transfer"),
+                     {**_ALLOCATION, "PYTHON": "python"}, _srun_argv),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("job,env_job,module", [
+    (None, None, "convirt_jax.main"),                   # the default: pretraining
+    ("--job=pretrain", None, "convirt_jax.main"),
+    ("--job=transfer", None, "convirt_jax.transfer"),
+    (None, "transfer", "convirt_jax.transfer"),         # JOB=transfer, as the flag
+    ("--job=convirt_jax.transfer", None, "convirt_jax.transfer"),  # a module name
+    ("--job=convirt_jax.export", "transfer", "convirt_jax.export"),  # the flag wins over JOB
+])
+def test_job_picks_the_module_in_the_dry_run(sandbox, script, job, env_job, module):
+  args, env, program_words = _JOB_DRY_RUNS[script]
+  env = {**env, **({"JOB": env_job} if env_job else {})}
+  result = sandbox.run(script, "--dry-run", *args, *((job,) if job else ()), "--config.x=1", env=env)
+  assert result.returncode == 0, result.stderr
+  words = program_words(result.stdout)
+  start = words.index("-m")
+  assert words[start:start + 4] == ["-m", module, "--config=configs/transfer/chexpert.py", args[-1]]
+  assert "--config.x=1" in words
+  assert sandbox.calls() == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_job_takes_a_separate_value(sandbox, script):
+  args, env, program_words = _JOB_DRY_RUNS[script]
+  result = sandbox.run(script, "--dry-run", "--job", "transfer", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  assert "convirt_jax.transfer" in program_words(result.stdout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("job,env_job,shown", [
+    ("--job=train", None, "'train'"), ("--job=convirt_jax.", None, "'convirt_jax.'"),
+    ("--job=", None, "''"), (None, "transfer now", "'transfer now'"), (None, "main", "'main'")])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_job_fails_with_one_line_naming_the_values(sandbox, script, job, env_job, shown, dry_run):
+  args, env, _ = _JOB_DRY_RUNS[script]
+  env = {**env, **({"JOB": env_job} if env_job else {})}
+  result = sandbox.run(script, *(("--dry-run",) if dry_run else ()), *args, *((job,) if job else ()), env=env)
+  assert result.returncode == 2
+  assert result.stderr == (
+      f"{script}: error: JOB must be pretrain, transfer or a module name such as convirt_jax.transfer "
+      f"(--job=... or JOB=...), got {shown}\n")
+  assert result.stdout == "" and sandbox.calls() == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_names_the_jobs(sandbox, script):
+  usage = sandbox.run(script, "--help").stdout
+  assert "--job=JOB" in usage and "[JOB]" in usage
+  assert "pretrain (default: python -m convirt_jax.main)" in usage and "convirt_jax.transfer" in usage
+  assert "--job=transfer" in usage and "configs/transfer/chexpert.py" in usage  # the transfer example
+
+
+def test_gpu_local_runs_the_transfer_module(sandbox):
+  python = sandbox.install("python-stand-in", _PYTHON)
+  config = sandbox.path / "config.py"
+  config.write_text("")
+  result = sandbox.run("gpu_local.sh", "--job=transfer", f"--config={config}", "--workdir=runs/t",
+                       env={**_NODE, "PYTHON": str(python), "VENV": str(sandbox.path / "no-venv")})
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["argv"][:2] == ["-m", "convirt_jax.transfer"]
+
+
+def test_slurm_tasks_run_the_transfer_module_with_their_process_ids(sandbox):
+  sandbox.install("srun", _SRUN)
+  python = sandbox.install("python-stand-in", _PYTHON)
+  config = sandbox.path / "config.py"
+  config.write_text("")
+  result = sandbox.run("slurm.sbatch", f"--config={config}", "--workdir=/shared/t", env={
+      "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "7", "JOB": "transfer",
+      "PYTHON": str(python), "FAKE_NODE_GPUS": "0"})
+  assert result.returncode == 0, result.stderr
+  tasks = [json.loads(line)["argv"] for line in result.stdout.splitlines()]
+  assert [t[:2] for t in tasks] == [["-m", "convirt_jax.transfer"]] * 2
+  assert [t[-1] for t in tasks] == [f"--config.distributed.process_id={i}" for i in (0, 1)]
+
+
+def test_slurm_finds_the_helpers_in_repo_dir_when_run_as_a_spooled_copy(sandbox):
+  """sbatch runs a copy of the script from slurmd's spool: lib.sh comes from REPO_DIR (SLURM_SUBMIT_DIR)."""
+  spool = sandbox.path / "spool" / "job7"
+  spool.mkdir(parents=True)
+  shutil.copy(LAUNCH / "slurm.sbatch", spool / "slurm_script")
+  env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "CONFIG": "c.py", "WORKDIR": "/w", "JOB": "transfer",
+         "DRY_RUN": "1", "PYTHON": "python"}
+  found = subprocess.run(["bash", str(spool / "slurm_script")], env={**env,
+                         "SLURM_SUBMIT_DIR": str(REPO)}, capture_output=True, text=True, timeout=60)
+  assert found.returncode == 0, found.stderr
+  assert "python -m convirt_jax.transfer --config=c.py" in found.stdout
+  missing = subprocess.run(["bash", str(spool / "slurm_script")], env={**env,
+                           "SLURM_SUBMIT_DIR": str(sandbox.path)}, capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2
+  assert missing.stderr == (f"slurm.sbatch: error: no launch/lib.sh in REPO_DIR '{sandbox.path}': submit "
+                            "from the repository root or set REPO_DIR\n")
