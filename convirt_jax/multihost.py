@@ -243,7 +243,7 @@ class _Watchdog(threading.Thread):
         self.client.key_value_set(f"{_KEY}/alive/{self.here}", str(beat), allow_overwrite=True)
         values = dict(self.client.key_value_dir_get(f"{_KEY}/"))
       except Exception:  # pylint: disable=broad-except  (the coordinator's store is gone: process 0)
-        if self.stopped.is_set():
+        if self.stopped.is_set() or _client() is None:  # or the program shut jax.distributed down
           return
         _exit(f"lost process 0 (the coordinator): it stopped answering; run the same command on every "
               "host to resume from the last complete checkpoint.", report=False)
