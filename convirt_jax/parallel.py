@@ -70,14 +70,41 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
 
 def _start_backend() -> None:
   """Starts the devices now (after jax.distributed): a missing GPU/TPU is one line, not a traceback."""
+  # jax logs a plugin that fails to load (no CUDA libraries, say) with its traceback; the line below
+  # says it instead, with the plugin's own last words.
+  bridge, held = logging.getLogger("jax._src.xla_bridge"), _Held()
+  bridge.addHandler(held)
+  propagate, bridge.propagate = bridge.propagate, False
   try:
     jax.devices()
   except (RuntimeError, AssertionError) as e:
     platforms = os.environ.get("JAX_PLATFORMS", "")
+    detail = str(e).strip().splitlines() or held.last_lines()
     raise AcceleratorUnavailable(
         f"JAX could not start its {platforms or 'default'} backend ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). Is a GPU/TPU visible to this process? To run on "
+        f"{detail[-1] if detail else ''}). Is a GPU/TPU visible to this process? To run on "
         "the CPU, unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu).") from None
+  finally:
+    bridge.removeHandler(held)
+    bridge.propagate = propagate
+  for record in held.records:  # the backend started: what jax had to say is shown as it would be
+    if record.levelno >= logging.WARNING and record.exc_info is None:
+      logging.getLogger(record.name).handle(record)
+
+
+class _Held(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+  def last_lines(self) -> list[str]:
+    lines = [line for r in self.records for line in
+             (r.getMessage() + "\n" + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")).splitlines()
+             if line.strip() and not line.startswith((" ", "Traceback", "The above"))]
+    return lines
 
 
 def is_main_process() -> bool:
@@ -144,6 +171,14 @@ def fetch(tree: Any) -> Any:
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
   return jax.tree.map(to_numpy, tree)
+
+
+def from_process_0(flag: bool) -> bool:
+  """Process 0's `flag` on every process: a decision read from shared storage that another process
+  may change (by creating a directory) before the slower processes look."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
 def gather_rows(x) -> np.ndarray:

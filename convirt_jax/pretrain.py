@@ -89,7 +89,8 @@ def _run_locked(config, workdir, created, data_dir, mesh, local_batch, resume_st
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str) -> int:
   """The step a run in `workdir` resumes from (0: a fresh run), after checking the configs agree."""
-  if not storage.path(checkpoints.checkpoint_dir(workdir)).is_dir():
+  # Process 0's answer for all: the others may look only after process 0 has created the directory.
+  if not parallel.from_process_0(storage.path(checkpoints.checkpoint_dir(workdir)).is_dir()):
     return 0
   reader = checkpoints.make_manager(workdir, read_only=True)
   try:

@@ -11,7 +11,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 import multiprocess_jobs
 from convirt_jax.training import checkpoints
@@ -26,27 +25,6 @@ def _job(workdir, logs):
       "--config.eval.every_steps=2"], logs)
 
 
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pretrain_2p")
-  job = _job(root / "run", root / "logs")
-  job.assert_ok()
-  return root / "run", job
-
-
-def test_two_processes_run_the_job_to_the_end(unbroken):
-  workdir, job = unbroken
-  assert "Results, metrics and plots" in job.output(0)
-  assert "ConVIRT evaluation" not in job.output(1), "only process 0 prints the results"
-  results = json.loads((workdir / "results.json").read_text())
-  assert results["run"]["processes"] == 2 and results["run"]["devices"] == 4
-  probe = results["methods"]["ConVIRT"]["linear_probe"]["Synthetic CXR"]
-  assert probe["n_pool"] == 64  # every training record embedded once, gathered from both processes
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
-
-
 def assert_same_variables(a_dir, b_dir, step):
   a, b = (checkpoints.restore_variables(str(d), step) for d in (a_dir, b_dir))
   assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -54,10 +32,25 @@ def assert_same_variables(a_dir, b_dir, step):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_host_killed_mid_run_stops_the_other_in_one_line_and_the_rerun_resumes(unbroken, tmp_path):
-  """kill -9 of process 1 (its supervisor and the job with it) once step 2 is saved: process 0 stops
-  within the heartbeat timeout and a margin, saying in its last line that process 1 was lost; the same
-  command on both processes resumes from step 2 and ends with the unbroken run's parameters."""
+def test_two_processes_run_the_job_and_a_lost_host_stops_the_other_and_the_rerun_resumes(tmp_path):
+  """One test (one test process: the runs share its compilation cache, and the unbroken run is the
+  reference of the broken one). kill -9 of process 1 (its supervisor and the job with it) once step 2
+  is saved: process 0 stops within the heartbeat timeout and a margin, saying in its last line that
+  process 1 was lost; the same command on both processes resumes from step 2 and ends with the
+  unbroken run's parameters."""
+  unbroken = tmp_path / "unbroken"
+  job = _job(unbroken, tmp_path / "logs")
+  job.assert_ok()
+  assert "Results, metrics and plots" in job.output(0)
+  assert "ConVIRT evaluation" not in job.output(1), "only process 0 prints the results"
+  results = json.loads((unbroken / "results.json").read_text())
+  assert results["run"]["processes"] == 2 and results["run"]["devices"] == 4
+  probe = results["methods"]["ConVIRT"]["linear_probe"]["Synthetic CXR"]
+  assert probe["n_pool"] == 64  # every training record embedded once, gathered from both processes
+  rows = [json.loads(line) for line in (unbroken / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+  assert sorted(p.name for p in (unbroken / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
   workdir = tmp_path / "run"
   job = _job(workdir, tmp_path / "killed")
   job.when(lambda: (workdir / "checkpoints" / "2").is_dir())
@@ -74,4 +67,4 @@ def test_a_host_killed_mid_run_stops_the_other_in_one_line_and_the_rerun_resumes
   rerun = _job(workdir, tmp_path / "rerun")
   rerun.assert_ok()
   assert "Resuming from step" in rerun.output(0)
-  assert_same_variables(unbroken[0], workdir, STEPS)
+  assert_same_variables(unbroken, workdir, STEPS)

@@ -66,17 +66,15 @@ def _job(config_file, workdir, logs, processes=2):
                                logs, processes=processes, devices=4 // processes)
 
 
-@pytest.fixture(scope="module")
-def runs(setup):
-  """{name: workdir} of the classification and retrieval jobs on 2 processes and on 1 (4 devices)."""
-  root, classification, retrieval = setup
+def _run_on_2_and_1(setup, name, config_file):
+  """(workdir, job) of `config_file`'s job on 2 processes and on 1 (4 devices either way)."""
+  root = setup[0]
   out = {}
-  for name, config_file in (("classification", classification), ("retrieval", retrieval)):
-    for processes in (2, 1):
-      workdir = root / f"{name}_{processes}p"
-      job = _job(config_file, workdir, root / f"logs_{name}_{processes}p", processes)
-      job.assert_ok()
-      out[name, processes] = workdir, job
+  for processes in (2, 1):
+    workdir = root / f"{name}_{processes}p"
+    job = _job(config_file, workdir, root / f"logs_{name}_{processes}p", processes)
+    job.assert_ok()
+    out[processes] = workdir, job
   return out
 
 
@@ -96,13 +94,12 @@ def _first_step(workdir, encoder):
               if prefix + "loss" in r)
 
 
-@pytest.mark.parametrize("name", ["classification", "retrieval"])
-def test_two_processes_give_the_numbers_of_one(runs, name):
+def _assert_two_give_the_numbers_of_one(runs, name):
   """Linear, zero-shot and retrieval results within the single-process tests' tolerance; fine-tuning
   compared at its first step (loss within that tolerance, gradient norm within 0.1%): the all-reduce
   sums in another order across processes, and Adam's first updates (g / (|g| + eps)) amplify those
   float32 roundings into different weights within a few steps, as for 8 devices against 1."""
-  (two, job), (one, _) = runs[name, 2], runs[name, 1]
+  (two, job), (one, _) = runs[2], runs[1]
   got, want = (json.loads((d / "results.json").read_text()) for d in (two, one))
   assert got["run"]["processes"] == 2 and want["run"]["processes"] == 1
   assert got["run"]["devices"] == want["run"]["devices"] == 4
@@ -123,14 +120,22 @@ def test_two_processes_give_the_numbers_of_one(runs, name):
   assert "| Method |" not in job.output(1)
 
 
+def test_the_8x200_retrieval_on_two_processes_gives_the_numbers_of_one(setup):
+  _assert_two_give_the_numbers_of_one(_run_on_2_and_1(setup, "retrieval", setup[2]), "retrieval")
+
+
 def _finetune_step_saved(workdir, encoder, step):
   return lambda: (workdir / "finetune" / encoder / "0.5" / "0" / "checkpoints" / str(step)).is_dir()
 
 
-def test_finetuning_survives_a_lost_coordinator_and_a_sigterm_and_ends_as_the_unbroken_run(
-    setup, runs, tmp_path):
+def test_linear_finetuning_zeroshot_on_two_processes_equal_one_and_survive_a_lost_host_and_a_sigterm(
+    setup, tmp_path):
+  """One test (one test process): the unbroken two-process run is compared with one process, then is
+  the reference of the interrupted one."""
   _, classification, _ = setup
-  unbroken = runs["classification", 2][0]
+  runs = _run_on_2_and_1(setup, "classification", classification)
+  _assert_two_give_the_numbers_of_one(runs, "classification")
+  unbroken = runs[2][0]
   workdir = tmp_path / "run"
 
   # 1. The coordinator's host is lost while the ConVIRT encoder fine-tunes.
