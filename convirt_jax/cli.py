@@ -39,22 +39,41 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
 
   `workdir` defaults to runs/<workdir_prefix><config file's name>.
   """
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
-    logging.get_absl_handler().addFilter(quiet_orbax)
-  config_file = flags.FLAGS["config"].config_filename
-  if not os.path.isfile(config_file):
-    sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
-  name = os.path.splitext(os.path.basename(config_file))[0]
+  name = _start(argv, config_flag, configs_dir)
   workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
-  try:
+
+  def checked_run():
     from convirt_jax import storage  # pylint: disable=g-import-not-at-top
     # Said before the job's heavy imports (the job checks again, for callers of its run()).
     storage.check(workdir, "--workdir")
     storage.check(config_flag.value.data.get("tfds_dir", ""), "--config.data.tfds_dir")
     run(config_flag.value, workdir)
+  one_line_errors(checked_run)
+
+
+def run_command(argv: list[str], run: Callable[[Any], Any], config_flag, *, configs_dir: str) -> None:
+  """main() of a command without a workdir (the plan): as `run_job`, then `run(config)`."""
+  _start(argv, config_flag, configs_dir)
+  one_line_errors(lambda: run(config_flag.value))
+
+
+def _start(argv: list[str], config_flag, configs_dir: str) -> str:
+  """Checks the arguments and the config file; returns the config file's name."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
+    logging.get_absl_handler().addFilter(quiet_orbax)
+  config_file = flags.FLAGS[config_flag.name].config_filename
+  if not os.path.isfile(config_file):
+    sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
+  return os.path.splitext(os.path.basename(config_file))[0]
+
+
+def one_line_errors(fn: Callable[[], Any]) -> None:
+  """Runs `fn`; a UserError (config, data, checkpoints...) ends the program with its one-line message."""
+  from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    fn()
   except UserError as e:
     sys.exit(f"error: {e}")
