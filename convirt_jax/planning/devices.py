@@ -4,6 +4,11 @@ Nothing here touches a network or an accelerator. `prepare_environment` must run
   - JAX_PLATFORMS=cpu: the process's own backend is the CPU, so the CUDA plugin creates no GPU client
     (and looks for no driver) and libtpu opens no TPU;
   - TPU_SKIP_MDS_QUERY=1: libtpu asks no cloud metadata server what it runs on;
+  - ALLOW_MULTIPLE_LIBTPU_LOAD=1: libtpu's lock on the machine's TPU chips (one process at a time)
+    guards chips this process never opens; several plans (or test processes) may compile at once;
+  - JAX_ENABLE_COMPILATION_CACHE=false: jax 0.10 writes compile-only executables to the persistent
+    cache but cannot load them back ("PjRtCompiler must be constructed with a Client"), so the cache
+    would only cost disk and print a warning on every hit;
   - TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES: what libtpu would otherwise look up (and warn about
     not finding); the topology it compiles for is given explicitly to get_topology_desc, so these
     values change nothing in the programs.
@@ -23,9 +28,11 @@ from convirt_jax.errors import UserError
 from convirt_jax.planning.targets import Target, gpu_target_config
 
 REQUIREMENTS = "requirements-plan.txt"
-# Printed by the CUDA plugin's extension when it loads on a machine without a driver (expected here).
+# Printed by the CUDA plugin's extension when it loads on a machine without a driver (expected here),
+# and XLA's alarm when a compile takes minutes (the paper's step does, on a small CPU).
 _HARMLESS = re.compile(r"cudart_stub\.cc.*Could not find cuda drivers|"
-                       r"^WARNING: All log messages before absl::InitializeLog\(\) is called")
+                       r"^WARNING: All log messages before absl::InitializeLog\(\) is called|"
+                       r"slow_operation_alarm\.cc|^\*+$|Very slow compile\? If you want to file a bug")
 
 
 class CompilerUnavailable(UserError, RuntimeError):
@@ -40,6 +47,8 @@ def prepare_environment() -> None:
       raise RuntimeError("the plan needs the CPU as the process's own JAX backend")
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+  os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

@@ -49,7 +49,7 @@ def _setting(config: ml_collections.ConfigDict, job: str) -> str:
   return "remat" if config.train.remat else "plain"
 
 
-class _Planner:
+class Planner:
   """Compiles and reports one job's programs for one target."""
 
   def __init__(self, config, job: str, target: Target, input_rate, log: Callable[[str], None]):
@@ -95,6 +95,10 @@ class _Planner:
                            "hbm_bytes_per_s": chip.hbm_bytes_per_s, "source": chip.source},
         "collectives": result.collectives, "compile_s": result.compile_s,
     }
+    self.log(f"    {target.name} {program.rows_per_chip} rows/chip {row['setting']}: "
+             f"{result.total_bytes / GIB:.2f} of {chip.memory_bytes / GIB:.2f} GiB "
+             f"({'fits' if row['fits'] else 'does not fit'}), {result.flops / 1e12:.3f} TFLOP, "
+             f"bound {bound['bound_s'] * 1e3:.2f} ms, compiled in {result.compile_s:.0f} s")
     if self.text_source:
       row["text_encoder"] = self.text_source
     if self.input_rate is not None:
@@ -116,36 +120,31 @@ class _Planner:
   def largest_batch(self, mode: str, start: int) -> dict[str, Any]:
     """The largest power-of-two rows per chip whose step fits (and whose double, compiled, does not).
 
-    Memory grows about linearly with the rows, so after two compiles the largest fitting power of two
-    is predicted and then checked (it and its double), moving one power of two at a time from there.
+    From the compile at `start` rows, what grows with the rows (temporaries, the batch) is taken as
+    proportional to them to predict the largest fitting power of two; that and its double are then
+    compiled, moving one power of two at a time until the first fits and the second does not.
     """
     capacity = self.target.chip.memory_bytes
     fits = lambda rows: self.at(rows, mode)["fits"]
     rows = 2 ** int(math.log2(max(1, start)))
+    first = self.at(rows, mode)["memory_bytes"]
+    fixed = first["state"] + first["outputs"] + first["code"]
+    per_row = (first["temp"] + first["batch"]) / rows
+    if first["total"] <= capacity and per_row > 0:
+      predicted = max(1.0, min((capacity - fixed) / per_row, MAX_ROWS_PER_CHIP))
+      rows = max(rows, 2 ** int(math.log2(predicted)))
+    while rows > 1 and not fits(rows):
+      rows //= 2
     if not fits(rows):
-      while rows > 1 and not fits(rows):
-        rows //= 2
-      if not fits(rows):
-        return {"mode": mode, "rows_per_chip": 0, "note": "1 row per chip does not fit"}
-    else:
-      other = rows * 2
-      used = lambda r: self.at(r, mode)["memory_bytes"]["total"]
-      if other <= MAX_ROWS_PER_CHIP:
-        slope = (used(other) - used(rows)) / (other - rows)
-        if slope > 0:
-          predicted = rows + (capacity - used(rows)) / slope
-          rows = max(rows, 2 ** int(math.log2(max(1.0, min(predicted, MAX_ROWS_PER_CHIP)))))
-      while rows > 1 and not fits(rows):
-        rows //= 2
-      while rows * 2 <= MAX_ROWS_PER_CHIP and fits(rows * 2):
-        rows *= 2
-    double = rows * 2
+      return {"mode": mode, "rows_per_chip": 0, "note": "1 row per chip does not fit"}
+    while rows * 2 <= MAX_ROWS_PER_CHIP and fits(rows * 2):
+      rows *= 2
     fitting = self.at(rows, mode)
     out = {"mode": mode, "setting": fitting["setting"], "rows_per_chip": rows,
            "total_bytes": fitting["memory_bytes"]["total"],
            "images_per_s_per_chip_bound": fitting["roofline_bound"]["images_per_s_per_chip"]}
-    if double <= MAX_ROWS_PER_CHIP:
-      out["double_total_bytes"] = self.at(double, mode)["memory_bytes"]["total"]
+    if rows * 2 <= MAX_ROWS_PER_CHIP:
+      out["double_total_bytes"] = self.at(rows * 2, mode)["memory_bytes"]["total"]
     else:
       out["note"] = f"capped at {MAX_ROWS_PER_CHIP} rows per chip"
     return out
@@ -178,7 +177,7 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
     report["input"] = {"images_per_s_per_core": rate.images_per_s_per_core, "seconds": rate.seconds,
                        "image_size": rate.image_size, "stored_size": rate.stored_size}
   for target in chosen:
-    planner = _Planner(config, job, target, rate, log)
+    planner = Planner(config, job, target, rate, log)
     if rows_per_chip:
       for rows in rows_per_chip:
         report["rows"].append(planner.at(rows))

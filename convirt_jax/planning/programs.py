@@ -180,9 +180,9 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   optimizer, step, _ = finetune.compiled_steps(model, task, mesh, float(config.finetune.lr),
                                                float(config.finetune.weight_decay))
   size = arch.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
   state = jax.eval_shape(lambda: state_lib.new_state(
-      model.init(jax.random.PRNGKey(0), images), optimizer, jax.random.PRNGKey(0)))
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.uint8)), optimizer,
+      jax.random.PRNGKey(0)))
   batch_shapes = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
                   "labels": jax.ShapeDtypeStruct((batch, labels), jnp.float32)}
   return Program(step, state, batch_shapes, batch, batch // mesh.size)
