@@ -5,17 +5,20 @@
 #   2. memory: XLA's compiled memory of the step, micro-batched at 256 and 4096 rows per device, plain
 #      and remat at 256 (compile only);
 #   3. the embedded default for 200 bf16 steps: python -m convirt_jax.main --config=configs/synthetic.py
-#      --config.train.steps=200 --config.train.precision=bfloat16 (then its evaluation).
-# 1 runs alone (it is timed); 2 and 3 then run side by side, neither preallocating GPU memory. Each part
+#      --config.train.steps=200 --config.train.precision=bfloat16 (then its evaluation);
+#   4. the plan (python -m convirt_jax.plan, on the CPU) of part 1's plain step for --plan_target: its
+#      roofline bound is printed next to part 1's measured step time.
+# 1 runs alone (it is timed); 2, 3 and 4 then run side by side, none preallocating GPU memory. Each part
 # has its own time limit; a part that fails or runs out of time shows as such in the table.
 #
 # Needs the project's requirements, jax[cuda12] (or [cuda13]) and, for the PyTorch column,
 # requirements-test.txt's torch/torchvision with a CUDA build the driver supports.
 #
-#   benchmarks/accelerator_check.sh [--out=DIR] [--python=EXE] [--dry-run] [--smoke]
+#   benchmarks/accelerator_check.sh [--out=DIR] [--python=EXE] [--plan_target=NAME] [--dry-run] [--smoke]
 #
 #   --out=DIR     where logs, JSON and the synthetic run's workdir go (default: a new /tmp directory)
 #   --python=EXE  interpreter with the requirements (default: $PYTHON, else python)
+#   --plan_target=NAME  the plan's target for this GPU (default h100x1; a100-80gbx1, h200x1, ...)
 #   --dry-run     print the commands instead of running them
 #   --smoke       the same plumbing on the CPU at tiny sizes (a test of this script, not of a GPU)
 set -uo pipefail
@@ -31,13 +34,15 @@ OUT=""
 PYTHON=${PYTHON:-python}
 DRY_RUN=0
 SMOKE=0
+PLAN_TARGET=h100x1
 for arg in "$@"; do
   case $arg in
     --out=*) OUT=${arg#*=} ;;
     --python=*) PYTHON=${arg#*=} ;;
+    --plan_target=*) PLAN_TARGET=${arg#*=} ;;
     --dry-run) DRY_RUN=1 ;;
     --smoke) SMOKE=1 ;;
-    -h | --help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$arg' (see --help)" ;;
   esac
 done
@@ -56,7 +61,9 @@ if (( SMOKE )); then
   memory_plain=("${model[@]}" --devices=1 --batches=64 "--modes=plain,remat")
   run_config=tests/tiny_config.py
   run_steps=4
-  limits=(600 300 600)  # throughput; each memory run; the run
+  plan=(--config=tests/tiny_config.py --rows_per_chip=8 --config.train.remat=false
+        --config.train.microbatch_size=0)
+  limits=(600 300 600 600)  # throughput; each memory run; the run; the plan
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   throughput=(--batches=128 --precisions=bfloat16 "--modes=plain,micro" --microbatch=32 --steps=10
@@ -65,9 +72,12 @@ else
   memory_plain=(--devices=1 --batches=256 "--modes=plain,remat" --precision=bfloat16)
   run_config=configs/synthetic.py
   run_steps=200
+  # Part 1's plain step: ResNet50 224 px, BERT-base (configs/mimic.py's, 6 frozen), seq 128, 128 rows.
+  plan=(--config=configs/mimic.py --rows_per_chip=128 --config.model.text.max_length=128
+        --config.model.text.frozen_layers=6 --config.train.remat=false --config.train.microbatch_size=0)
   # Seconds: part 1; then the two memory runs one after the other, beside part 3 (whose 200 steps are
-  # followed by the run's evaluation).
-  limits=(170 55 110)
+  # followed by the run's evaluation) and part 4 (one compile of the paper's step on the CPU).
+  limits=(170 55 110 300)
 fi
 
 # part NAME LIMIT COMMAND...: runs COMMAND for at most LIMIT seconds (then TERM, 10 s later KILL, to
@@ -100,9 +110,15 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
   part memory_plain "${limits[1]}" "$PYTHON" benchmarks/memory.py "${memory_plain[@]}" --json
 ) &
 memory_pid=$!
+(
+  part plan "${limits[3]}" "$PYTHON" -m convirt_jax.plan "${plan[@]}" --target="$PLAN_TARGET" \
+    --input_seconds=0 --json="$OUT/plan.json"
+) &
+plan_pid=$!
 part synthetic "${limits[2]}" "$PYTHON" -m convirt_jax.main --config="$run_config" \
   --workdir="$OUT/synthetic" --config.train.steps="$run_steps" --config.train.precision=bfloat16
 wait "$memory_pid"
+wait "$plan_pid"
 (( DRY_RUN )) && exit 0
 
 "$PYTHON" - "$OUT" "$((SECONDS - start))" "$run_steps" <<'EOF'
@@ -172,6 +188,23 @@ results = read("synthetic/results.json")
 if results:
   figures += "; results.json written"
 rows.append(("run", f"synthetic, {run_steps} steps, bf16", figures))
+
+plan = json.loads(read("plan.json") or "null")
+if plan and plan["rows"]:
+  p = plan["rows"][0]
+  bound = p["roofline_bound"]
+  figures = (f"{p['target']}, {p['rows_per_chip']} rows: bound {bound['bound_s'] * 1e3:.1f} ms/step "
+             f"({bound['bound_by']}-bound, {bound['images_per_s_per_chip']:.0f} img/s; a lower bound, "
+             f"not a measurement), {p['flops_per_chip'] / 1e12:.2f} TFLOP, "
+             f"{p['memory_bytes']['total'] / 2**30:.2f} GiB planned")
+  measured = [r for r in (t or {}).get("rows", []) if r["mode"] == "plain" and r["batch"] == p["rows_per_chip"]
+              and r["precision"] == p["precision"]]
+  if measured:
+    step_ms = measured[0]["step_s"] * 1e3
+    figures += f"; measured {step_ms:.1f} ms/step = {step_ms / (bound['bound_s'] * 1e3):.1f}x the bound"
+  rows.append(("plan", "roofline bound vs measured", figures))
+else:
+  rows.append(("plan", "", status("plan") + f": see {out}/plan.err"))
 
 device = (t or {}).get("device", "?")
 print(f"\nconvirt_jax accelerator check on {device}: {total_s} s in all; logs in {out}")

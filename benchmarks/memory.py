@@ -80,25 +80,11 @@ def paper_config(args: argparse.Namespace, global_batch: int, mode: str = "plain
 
 
 def abstract_step(config, text_config, mesh):
-  """(jitted train step, state ShapeDtypeStructs, batch ShapeDtypeStructs) for `config` on `mesh`."""
-  import jax
-  import jax.numpy as jnp
-  from convirt_jax import parallel
-  from convirt_jax.models.convirt import build_model
-  from convirt_jax.training import optimizer as opt_lib
-  from convirt_jax.training import state as state_lib
-  from convirt_jax.training import steps as steps_lib
-
-  size, length = config.data.image_size, config.model.text.max_length
-  model = build_model(config, text_config, axis_name=parallel.DATA_AXIS)
-  optimizer = opt_lib.make_optimizer(config, state_lib.param_shapes(model, size, length), 1000)
-  state = jax.eval_shape(lambda: state_lib.init_train_state(model, optimizer, jax.random.PRNGKey(0),
-                                                            size, length))
-  batch = config.train.batch_size
-  batch_shapes = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
-                  "input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
-                  "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32)}
-  return steps_lib.make_train_step(model, optimizer, config, mesh), state, batch_shapes
+  """(jitted train step, state ShapeDtypeStructs, batch ShapeDtypeStructs) for `config` on `mesh`: the
+  pretraining job's step as the plan builds it (`convirt_jax.planning.programs.pretrain_program`)."""
+  from convirt_jax.planning import programs
+  program = programs.pretrain_program(config, text_config, mesh)
+  return program.step, program.state, program.batch
 
 
 def compile_step(config, text_config, mesh):

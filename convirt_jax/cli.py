@@ -42,23 +42,15 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
   JAX backend. A multi-process job runs under `multihost.supervise` (see there why).
   `workdir` defaults to runs/<workdir_prefix><config file's name>.
   """
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from convirt_jax import multihost  # pylint: disable=g-import-not-at-top  (no jax)
-  from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
-    logging.get_absl_handler().addFilter(quiet_orbax)
-  config_file = flags.FLAGS["config"].config_filename
-  if not os.path.isfile(config_file):
-    sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
-  name = os.path.splitext(os.path.basename(config_file))[0]
+  name = _start(argv, config_flag, configs_dir)
   workdir = workdir or os.path.join("runs", f"{workdir_prefix}{name}")
+  from convirt_jax import multihost  # pylint: disable=g-import-not-at-top  (no jax)
   config = config_flag.value
   multi_process = multihost.is_multi_process(config.distributed)
   if multi_process and not multihost.is_supervised():
     sys.exit(multihost.supervise())
-  try:
+
+  def checked_run():
     from convirt_jax import storage  # pylint: disable=g-import-not-at-top
     # Said before the job's heavy imports (the job checks again, for callers of its run()).
     storage.check(workdir, "--workdir")
@@ -67,6 +59,37 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
     parallel.initialize(config.distributed, job_config=config.to_dict())
     run(config, workdir)
     multihost.stop_watchdog()
+  one_line_errors(checked_run, multi_process)
+
+
+def run_command(argv: list[str], run: Callable[[Any], Any], config_flag, *, configs_dir: str) -> None:
+  """main() of a command without a workdir (the plan): as `run_job`, then `run(config)`."""
+  _start(argv, config_flag, configs_dir)
+  one_line_errors(lambda: run(config_flag.value))
+
+
+def _start(argv: list[str], config_flag, configs_dir: str) -> str:
+  """Checks the arguments and the config file; returns the config file's name."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
+    logging.get_absl_handler().addFilter(quiet_orbax)
+  config_file = flags.FLAGS[config_flag.name].config_filename
+  if not os.path.isfile(config_file):
+    sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")
+  return os.path.splitext(os.path.basename(config_file))[0]
+
+
+def one_line_errors(fn: Callable[[], Any], multi_process: bool = False) -> None:
+  """Runs `fn`; a UserError (config, data, checkpoints...) ends the program with its one-line message.
+
+  In a multi-process job the other processes are told first (`multihost.fail`), and any other error
+  first lets the watchdog name a lost process (a collective fails when one is lost)."""
+  from convirt_jax import multihost  # pylint: disable=g-import-not-at-top
+  from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    fn()
   except UserError as e:
     if multi_process:
       multihost.fail(str(e))  # tells the other processes, exits at once
@@ -74,6 +97,6 @@ def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdi
   except Exception as e:  # pylint: disable=broad-except
     if not multi_process:
       raise
-    multihost.wait_for_watchdog()  # a collective failed because a process was lost: it names it
+    multihost.wait_for_watchdog()
     traceback.print_exc()  # else a bug: its traceback, and the other processes stop too
     multihost.fail(f"{type(e).__name__}: {e}")

@@ -125,12 +125,15 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   """The rows this process loads per step: the global batch split evenly over processes and devices."""
-  num_devices = jax.device_count() if mesh is None else mesh.size
+  if mesh is None:
+    num_devices, processes = jax.device_count(), jax.process_count()
+  else:  # the mesh's own processes (the plan's compile-only meshes span hosts this process is not)
+    num_devices, processes = mesh.size, len({d.process_index for d in mesh.devices.flat})
   if global_batch_size < 1 or global_batch_size % num_devices:
     raise ConfigError(
         f"train.batch_size={global_batch_size} must be a positive multiple of the number of devices "
-        f"({num_devices} over {jax.process_count()} processes), so every device gets the same rows")
-  return global_batch_size // jax.process_count()
+        f"({num_devices} over {processes} processes), so every device gets the same rows")
+  return global_batch_size // processes
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -78,6 +78,12 @@ def _builder_parts(config: ml_collections.ConfigDict):
   return module, getattr(module, class_name)
 
 
+def declared_label_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The labels a data set's builder declares without reading its files (() when they come from the data)."""
+  _, builder_cls = _builder_parts(config)
+  return tuple(getattr(builder_cls, "LABEL_NAMES", ()))
+
+
 def prepared_dir(config: ml_collections.ConfigDict, data_dir: str) -> str:
   """The directory the dataset for `config` is (or will be) built into."""
   module, builder_cls = _builder_parts(config)

@@ -3,8 +3,8 @@
 The fine-tuning protocol of the transfer job: every encoder weight and the head are trained. As in
 `steps.py`, the forward pass and the loss run per device under `jax.shard_map` over the mesh axis "data":
 BatchNorm statistics are averaged over the axis (SyncBatchNorm) and the loss is the psum of per-device
-sums divided by the global count, so the gradient (already summed over the axis by shard_map's
-`check_vma`) is the gradient of the global-batch loss.
+sums divided by the global count, so the gradient (summed over the axis in one float32 psum,
+`steps.summed_gradient`) is the gradient of the global-batch loss.
 
 Losses (labels as the data contract writes them: 1 positive, 0 negative, -1 uncertain, NaN not
 mentioned):
@@ -26,6 +26,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from convirt_jax import parallel
 from convirt_jax.models.classifier import ImageClassifier
+from convirt_jax.training import steps
 from convirt_jax.training.optimizer import get_learning_rate
 
 TASKS = ("binary", "multilabel", "multiclass")
@@ -74,8 +75,13 @@ def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh) -> Callabl
       total, count = classification_loss_sums(logits, labels, task)
       return _global_mean(total, count, axis), updated["batch_stats"]
 
-    # Already summed over the axis (check_vma): the loss is a psum of per-device sums.
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def with_loss(params):
+      loss, new_stats = loss_fn(params)
+      return loss, (loss, new_stats)
+
+    # Summed over the axis in float32, in one psum (see steps.summed_gradient); nothing is frozen.
+    nothing_frozen = jax.tree.map(lambda _: False, params)
+    grads, (loss, new_stats) = steps.summed_gradient(with_loss, params, nothing_frozen, axis)
     return grads, new_stats, loss
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis)),

@@ -2,8 +2,8 @@
 
 A step runs the forward pass and the loss per device under `jax.shard_map` over the mesh axis "data":
 BatchNorm statistics are averaged over the axis (SyncBatchNorm) and the loss scores every row against
-the embeddings of the whole global batch. Under shard_map's `check_vma`, the gradient of a replicated
-parameter leaves the map already summed over the axis, so there is no explicit gradient psum here.
+the embeddings of the whole global batch. Each device differentiates its own copy of the trainable
+parameters and the float32 gradients are summed over the axis in one psum (`summed_gradient`).
 
 With train.microbatch_size > 0 the gradient is computed in micro-batches the GradCache way (Gao et al.
 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): see
@@ -45,6 +45,32 @@ def check_microbatch_size(per_device_batch: int, microbatch_size: int, devices: 
     raise ConfigError(
         f"train.microbatch_size={microbatch_size} must be 0 (off) or divide the per-device batch "
         f"{per_device_batch} (train.batch_size / {devices} devices)")
+
+
+def summed_gradient(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params: Any, frozen: Any,
+                    axis: str) -> tuple[Any, Any]:
+  """(gradient of `loss_fn` at `params` summed over `axis`, loss_fn's aux), inside shard_map.
+
+  `loss_fn(params) -> (loss, aux)`, the loss a psum over the axis. Only the leaves `frozen` marks False
+  are differentiated (frozen ones get zeros and no collective). The trainable leaves are marked
+  varying, so each device differentiates its own copy and the cross-device sum is this one psum of
+  float32 gradients: without it, shard_map sums the gradient where a replicated parameter meets
+  per-device values, i.e. after the model casts it to the compute dtype, which under bfloat16 sums
+  every kernel's gradient in bfloat16, in one all-reduce per layer that XLA does not combine.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  is_frozen = jax.tree.leaves(frozen)
+  trainable = [leaf for leaf, f in zip(leaves, is_frozen) if not f]
+
+  def merge(trainable_leaves):
+    rest = iter(trainable_leaves)
+    return treedef.unflatten([leaf if f else next(rest) for leaf, f in zip(leaves, is_frozen)])
+
+  local = jax.lax.pcast(trainable, axis, to="varying")
+  grads, aux = jax.grad(lambda t: loss_fn(merge(t)), has_aux=True)(local)
+  summed = iter(jax.lax.psum(grads, axis))
+  return treedef.unflatten([jnp.zeros_like(leaf) if f else next(summed)
+                            for leaf, f in zip(leaves, is_frozen)]), aux
 
 
 def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, rng: jax.Array,
@@ -160,8 +186,6 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
                                     loss_config, axis)
 
     def loss_fn(params):
-      # No gradient flows into frozen weights, so XLA skips their backward pass.
-      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
       out, updated = model.apply(
           {"params": params, "batch_stats": batch_stats}, inputs["image"], inputs["input_ids"],
           inputs["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
@@ -169,8 +193,8 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
                                         **loss_config)
       return terms["loss"], (terms, updated["batch_stats"])
 
-    # Already summed over the axis (check_vma): the loss is a psum of per-device sums.
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    # Frozen weights are not differentiated, so XLA skips their backward pass.
+    grads, (terms, batch_stats) = summed_gradient(loss_fn, params, frozen, axis)
     return grads, batch_stats, terms
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis)),

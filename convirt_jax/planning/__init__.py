@@ -1,0 +1,1 @@
+"""The plan job: a job's train step compiled for TPUs and GPUs on a machine without them."""

@@ -1,0 +1,247 @@
+"""The plan job (`python -m convirt_jax.plan`): a job's train step compiled for accelerators it does not
+run on, and what their compilers say about it.
+
+For every target: the job's own step (`planning.programs`) on the target's compile-only devices
+(`planning.devices`), compiled by the target's compiler (libtpu, or XLA's CUDA compiler with the GPU's
+target config), then per chip: memory against the chip's, FLOPs and bytes, the roofline bound of the
+step time (a lower bound from the chip's public peak and bandwidth, not a measurement), the
+collectives, and the host cores the input pipeline needs to feed the chip. With `max_batch`, the
+largest power-of-two batch per chip that fits, found by compiling, per step setting.
+Nothing runs on an accelerator and nothing connects to a network.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+import ml_collections
+
+from convirt_jax.errors import ConfigError
+from convirt_jax.planning import devices, programs, targets
+from convirt_jax.planning.targets import GIB, Target
+
+MAX_ROWS_PER_CHIP = 2**16
+BUSY_SHARE = 0.4  # the input side is also sized for a step at 40% of the bound
+
+
+def validate(config: ml_collections.ConfigDict, job: str) -> None:
+  """The job's own config checks, less those of the data's location (the plan reads no data)."""
+  from convirt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from convirt_jax import transfer_config  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key in ("dir", "csv"):
+    config.data[key] = config.data[key] or "<not read by the plan>"
+  if job == "transfer" and config.data.name == "csv" and not config.data.label_columns:
+    config.data.label_columns = ("<not read by the plan>",)
+  if job == "pretrain":
+    config_lib.validate(config)
+    programs.text_length(config)
+  else:
+    transfer_config.validate_transfer(config)
+
+
+def _setting(config: ml_collections.ConfigDict, job: str) -> str:
+  if job == "transfer":
+    return "plain"
+  if config.train.microbatch_size:
+    return f"micro {config.train.microbatch_size}" + (" + remat" if config.train.remat else "")
+  return "remat" if config.train.remat else "plain"
+
+
+class Planner:
+  """Compiles and reports one job's programs for one target."""
+
+  def __init__(self, config, job: str, target: Target, input_rate, log: Callable[[str], None]):
+    self.job, self.target, self.input_rate, self.log = job, target, input_rate, log
+    self.config = programs.with_precision_for(config, job, target.platform)
+    self.bert, self.text_source = (programs.text_config(self.config) if job == "pretrain"
+                                   else (None, ""))
+    self.mesh = devices.mesh_for(target)
+    self._cache: dict[tuple[int, str], dict[str, Any]] = {}
+
+  def row(self, config: ml_collections.ConfigDict, with_lowered: bool = False) -> dict[str, Any]:
+    """The plan of `config`'s step on the target (one table row)."""
+    from convirt_jax.planning import analysis  # pylint: disable=g-import-not-at-top
+    target, chip = self.target, self.target.chip
+    program = programs.build(config, self.job, self.mesh, self.bert)
+    self.log(f"  compiling for {target.name}: {program.rows_per_chip} rows per chip, "
+             f"{_setting(config, self.job)}...")
+    with devices.quiet_native_stderr():
+      result = analysis.compile_and_analyse(program, target.platform, with_lowered=with_lowered)
+    if target.platform != "tpu":
+      # The GPU compiler's module hides its convolutions in cuDNN calls that HloCostAnalysis does not
+      # count: the FLOPs are those of the program before optimisation (the same arithmetic).
+      lowered_flops = result.lowered_flops
+      if lowered_flops is None:
+        with devices.quiet_native_stderr():
+          lowered_flops = analysis.lowered_cost(program.lower())["flops"]
+      result.flops, result.lowered_flops = lowered_flops, lowered_flops
+      result.cost_source = "FLOPs: XLA's count of the lowered program; bytes: the optimised GPU module"
+    bound = analysis.roofline(result.flops, result.bytes_accessed, chip.peak_bf16_flops,
+                              chip.hbm_bytes_per_s)
+    images_per_s = program.rows_per_chip / bound["bound_s"] if bound["bound_s"] > 0 else math.inf
+    row = {
+        "target": target.name, "chip": chip.kind, "chips": target.chips, "hosts": target.hosts,
+        "job": self.job, "precision": config.train.precision if self.job == "pretrain"
+        else config.finetune.precision, "setting": _setting(config, self.job),
+        "global_batch": program.global_batch, "rows_per_chip": program.rows_per_chip,
+        "memory_bytes": result.memory, "chip_memory_bytes": chip.memory_bytes,
+        "fits": result.fits(chip.memory_bytes),
+        "flops_per_chip": result.flops, "bytes_accessed_per_chip": result.bytes_accessed,
+        "lowered_flops_per_chip": result.lowered_flops, "cost_source": result.cost_source,
+        "roofline_bound": {**bound, "images_per_s_per_chip": images_per_s,
+                           "peak_bf16_flops": chip.peak_bf16_flops,
+                           "hbm_bytes_per_s": chip.hbm_bytes_per_s, "source": chip.source},
+        "collectives": result.collectives, "compile_s": result.compile_s,
+    }
+    self.log(f"    {target.name} {program.rows_per_chip} rows/chip {row['setting']}: "
+             f"{result.total_bytes / GIB:.2f} of {chip.memory_bytes / GIB:.2f} GiB "
+             f"({'fits' if row['fits'] else 'does not fit'}), {result.flops / 1e12:.3f} TFLOP, "
+             f"bound {bound['bound_s'] * 1e3:.2f} ms, compiled in {result.compile_s:.0f} s")
+    if self.text_source:
+      row["text_encoder"] = self.text_source
+    if self.input_rate is not None:
+      need = images_per_s / self.input_rate.images_per_s_per_core
+      row["input"] = {"images_per_s_per_core": self.input_rate.images_per_s_per_core,
+                      "cores_per_chip_at_bound": need, "cores_per_chip_at_40pct": need * BUSY_SHARE,
+                      "host_cpus_per_chip": target.cpus_per_chip,
+                      "exceeds_host_at_bound": need > target.cpus_per_chip,
+                      "exceeds_host_at_40pct": need * BUSY_SHARE > target.cpus_per_chip}
+    return row
+
+  def at(self, rows_per_chip: int, mode: str = "") -> dict[str, Any]:
+    config = programs.with_batch(self.config, self.job, rows_per_chip, self.target.chips, mode)
+    key = (rows_per_chip, _setting(config, self.job))  # the config's own setting is one of the modes
+    if key not in self._cache:
+      self._cache[key] = self.row(config)
+    return self._cache[key]
+
+  def largest_batch(self, mode: str, start: int) -> dict[str, Any]:
+    """The largest power-of-two rows per chip whose step fits (and whose double, compiled, does not).
+
+    From the compile at `start` rows, what grows with the rows (temporaries, the batch) is taken as
+    proportional to them to predict the largest fitting power of two; that and its double are then
+    compiled, moving one power of two at a time until the first fits and the second does not.
+    """
+    capacity = self.target.chip.memory_bytes
+    fits = lambda rows: self.at(rows, mode)["fits"]
+    rows = 2 ** int(math.log2(max(1, start)))
+    first = self.at(rows, mode)["memory_bytes"]
+    fixed = first["state"] + first["outputs"] + first["code"]
+    per_row = (first["temp"] + first["batch"]) / rows
+    if first["total"] <= capacity and per_row > 0:
+      predicted = max(1.0, min((capacity - fixed) / per_row, MAX_ROWS_PER_CHIP))
+      rows = max(rows, 2 ** int(math.log2(predicted)))
+    while rows > 1 and not fits(rows):
+      rows //= 2
+    if not fits(rows):
+      return {"mode": mode, "rows_per_chip": 0, "note": "1 row per chip does not fit"}
+    while rows * 2 <= MAX_ROWS_PER_CHIP and fits(rows * 2):
+      rows *= 2
+    fitting = self.at(rows, mode)
+    out = {"mode": mode, "setting": fitting["setting"], "rows_per_chip": rows,
+           "total_bytes": fitting["memory_bytes"]["total"],
+           "images_per_s_per_chip_bound": fitting["roofline_bound"]["images_per_s_per_chip"]}
+    if rows * 2 <= MAX_ROWS_PER_CHIP:
+      out["double_total_bytes"] = self.at(rows * 2, mode)["memory_bytes"]["total"]
+    else:
+      out["note"] = f"capped at {MAX_ROWS_PER_CHIP} rows per chip"
+    return out
+
+
+def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
+        rows_per_chip: list[int] | None = None, max_batch: bool = False, measure_input: bool = True,
+        input_seconds: float = 3.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """The plan of `job` ("pretrain" or "transfer") with `config` on every target; returns the report
+  ({"rows": [...], "max_batch": [...], "input": {...}}) that `format_table` prints."""
+  if job not in programs.JOBS:
+    raise ConfigError(f"--job={job}: one of {', '.join(programs.JOBS)}")
+  if not target_names:
+    raise ConfigError(f"give at least one --target; known targets: {', '.join(targets.TARGETS)}")
+  chosen = [targets.get(name) for name in target_names]  # every name checked before any compile
+  for platform in sorted({t.platform for t in chosen}):
+    devices.require_compiler(platform)
+  devices.start_jax()
+  validate(config, job)
+  rate = None
+  if measure_input:
+    from convirt_jax.planning import input_rate  # pylint: disable=g-import-not-at-top
+    rate = input_rate.measure(config, with_text=job == "pretrain", seconds=input_seconds)
+    log(f"input pipeline: {rate.images_per_s_per_core:.0f} images/s per CPU core on this machine "
+        f"({rate.stored_size} px stored -> {rate.image_size} px)")
+  report: dict[str, Any] = {"job": job, "rows": [], "max_batch": [],
+                            "note": "compiled for the target, not run on it; the roofline figure is a "
+                                    "lower bound on the step time, not a measurement"}
+  if rate is not None:
+    report["input"] = {"images_per_s_per_core": rate.images_per_s_per_core, "seconds": rate.seconds,
+                       "image_size": rate.image_size, "stored_size": rate.stored_size}
+  for target in chosen:
+    planner = Planner(config, job, target, rate, log)
+    if rows_per_chip:
+      for rows in rows_per_chip:
+        report["rows"].append(planner.at(rows))
+    else:
+      batch = programs.global_batch(planner.config, job)
+      if batch % target.chips:
+        from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
+        parallel.local_batch_size(batch, planner.mesh)  # the job's own message
+      report["rows"].append(planner.at(batch // target.chips))
+    if max_batch:
+      start = report["rows"][-1]["rows_per_chip"]
+      for mode in (programs.MODES if job == "pretrain" else ("plain",)):
+        found = planner.largest_batch(mode, start)
+        report["max_batch"].append({"target": target.name, **found})
+  return report
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def _collectives(row: dict[str, Any]) -> str:
+  short = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+           "collective-permute": "CP", "ragged-all-to-all": "RA2A"}
+  parts = [f"{short.get(k, k)} {v['count']} ({v['bytes'] / 2**20:.0f} MiB)"
+           for k, v in row["collectives"].items()]
+  return ", ".join(parts) or "none"
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The report as Markdown tables (memory in GiB per chip)."""
+  lines = [f"Plan of the {report['job']} step: {report['note']}."]
+  if "input" in report:
+    lines.append(f"Input pipeline on this machine: {report['input']['images_per_s_per_core']:.0f} "
+                 "images/s per CPU core.")
+  lines += ["", "| target | rows/chip | setting | state | batch | temp | out | total GiB | chip GiB | fits "
+            "| TFLOP/chip | GB accessed | bound ms (by) | img/s/chip bound | cores/chip at bound, 40% "
+            "(host has) | collectives | compile s |", "|" + "---|" * 17]
+  for r in report["rows"]:
+    m, b = r["memory_bytes"], r["roofline_bound"]
+    cores = "-"
+    if "input" in r:
+      i = r["input"]
+      cores = (f"{i['cores_per_chip_at_bound']:.1f}, {i['cores_per_chip_at_40pct']:.1f} "
+               f"({i['host_cpus_per_chip']:.0f})" + (" EXCEEDS HOST" if i["exceeds_host_at_40pct"]
+                                                    else " exceeds at bound" if i["exceeds_host_at_bound"]
+                                                    else ""))
+    lines.append(
+        f"| {r['target']} | {r['rows_per_chip']} | {r['setting']} | {_gib(m['state'])} | {_gib(m['batch'])} "
+        f"| {_gib(m['temp'])} | {_gib(m['outputs'])} | {_gib(m['total'])} | {_gib(r['chip_memory_bytes'])} "
+        f"| {'yes' if r['fits'] else 'NO'} | {r['flops_per_chip'] / 1e12:.2f} "
+        f"| {r['bytes_accessed_per_chip'] / 1e9:.1f} | {b['bound_s'] * 1e3:.1f} ({b['bound_by']}) "
+        f"| {b['images_per_s_per_chip']:.0f} | {cores} | {_collectives(r)} | {r['compile_s']:.0f} |")
+  if report["max_batch"]:
+    lines += ["", "| target | setting | largest rows/chip that fits | its total GiB | double's total GiB "
+              "| img/s/chip bound |", "|" + "---|" * 6]
+    for r in report["max_batch"]:
+      double = _gib(r["double_total_bytes"]) if "double_total_bytes" in r else r.get("note", "-")
+      lines.append(f"| {r['target']} | {r.get('setting', r['mode'])} | {r['rows_per_chip']} "
+                   f"| {_gib(r.get('total_bytes', 0))} | {double} "
+                   f"| {r.get('images_per_s_per_chip_bound', 0):.0f} |")
+  return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+  from convirt_jax import storage  # pylint: disable=g-import-not-at-top
+  storage.write_json(path, json.loads(json.dumps(report, default=float)))
