@@ -117,15 +117,16 @@ class Planner:
       self._cache[key] = self.row(config)
     return self._cache[key]
 
-  def largest_batch(self, mode: str, start: int) -> dict[str, Any]:
-    """The largest power-of-two rows per chip whose step fits (and whose double, compiled, does not).
+  def largest_batch(self, mode: str, start: int, capacity: int | None = None) -> dict[str, Any]:
+    """The largest power-of-two rows per chip whose step fits in `capacity` bytes (default: the chip's
+    memory), and whose double, compiled too, does not.
 
     From the compile at `start` rows, what grows with the rows (temporaries, the batch) is taken as
     proportional to them to predict the largest fitting power of two; that and its double are then
     compiled, moving one power of two at a time until the first fits and the second does not.
     """
-    capacity = self.target.chip.memory_bytes
-    fits = lambda rows: self.at(rows, mode)["fits"]
+    capacity = capacity or self.target.chip.memory_bytes
+    fits = lambda rows: self.at(rows, mode)["memory_bytes"]["total"] <= capacity
     rows = 2 ** int(math.log2(max(1, start)))
     first = self.at(rows, mode)["memory_bytes"]
     fixed = first["state"] + first["outputs"] + first["code"]
