@@ -245,7 +245,7 @@ class _Watchdog(threading.Thread):
       except Exception:  # pylint: disable=broad-except  (the coordinator's store is gone: process 0)
         if self.stopped.is_set() or _client() is None:  # or the program shut jax.distributed down
           return
-        _exit(f"lost process 0 (the coordinator): it stopped answering; run the same command on every "
+        _exit("lost process 0 (the coordinator): it stopped answering; run the same command on every "
               "host to resume from the last complete checkpoint.", report=False)
       if self.stopped.is_set():
         return

@@ -13,7 +13,6 @@ import signal
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 import multiprocess_jobs
@@ -21,7 +20,6 @@ import test_chexpert_retrieval
 import test_transfer
 import tiny_config
 from convirt_jax.data import datasets
-from convirt_jax.training import checkpoints
 from test_main_multiprocess import assert_same_variables
 
 ENCODERS = ("convirt", "random")  # the fine-tuning runs' directory names
