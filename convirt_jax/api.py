@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from convirt_jax import storage
-from convirt_jax.cli import quiet_orbax
+from convirt_jax import logs, storage
 from convirt_jax.data.augment import eval_transform
 from convirt_jax.evaluate.features import jitted_encoders
 from convirt_jax.errors import CheckpointError
@@ -31,7 +30,7 @@ from convirt_jax.training import checkpoints
 
 
 # Reading a checkpoint read-only makes orbax warn about what it is not asked to restore: noise for users.
-std_logging.getLogger("absl").addFilter(quiet_orbax)
+std_logging.getLogger("absl").addFilter(logs.quiet_third_party)
 
 
 class ConVIRT:

@@ -1,8 +1,7 @@
-"""What the jobs' command lines share: flag parsing and errors in one line, quieter orbax logs, main().
+"""What the jobs' command lines share: flag parsing and errors in one line, readable logs, main().
 
 Imports nothing heavy, so that --help and flag errors stay instant.
 """
-import logging as std_logging
 import os
 import sys
 import traceback
@@ -10,8 +9,8 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from convirt_jax import logs
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line message instead of a traceback for a bad --config.KEY."""
@@ -25,12 +24,6 @@ def parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     detail = e.args[0] if e.args else e
     sys.exit(f"error: invalid --config override: {detail}")
-
-
-def quiet_orbax(record) -> bool:
-  """A logging filter: orbax's warnings about read-only managers and items not asked for (every load of
-  a pretraining checkpoint logs several) are noise here; its errors stay."""
-  return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def run_job(argv: list[str], run: Callable[[Any, str], Any], config_flag, workdir: str | None, *,
@@ -72,9 +65,7 @@ def _start(argv: list[str], config_flag, configs_dir: str) -> str:
   """Checks the arguments and the config file; returns the config file's name."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # the progress bar and the results say what matters
-    logging.get_absl_handler().addFilter(quiet_orbax)
+  logs.configure(verbose=flags.FLAGS["verbosity"].present)
   config_file = flags.FLAGS[config_flag.name].config_filename
   if not os.path.isfile(config_file):
     sys.exit(f"error: --config={config_file}: no such file (the configs are in {configs_dir})")

@@ -153,6 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.retrieval = ml_collections.ConfigDict()
   c.evals.retrieval.k = (5, 10, 50)
 
+  # Progress when the output is not a terminal (a log file): one line every this many seconds and at
+  # every validation, instead of a progress bar. Only process 0 prints progress.
+  c.log = ml_collections.ConfigDict()
+  c.log.every_seconds = 60.0
+
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "" = auto-detect (Cloud TPU, SLURM) or single process
   c.distributed.num_processes = 0
@@ -179,7 +184,7 @@ _CHOICES = {
 _POSITIVE = ("model.image.width", "model.projection_dim",
              "model.projection_hidden", "loss.temperature", "data.image_size", "data.stored_size",
              "train.batch_size", "optimizer.lr", "checkpoint.every_steps", "checkpoint.keep",
-             "eval.every_steps", "eval.batch_size")
+             "eval.every_steps", "eval.batch_size", "log.every_seconds")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -196,13 +196,12 @@ def _pooling_line(kind: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from convirt_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.configure(verbose=flags.FLAGS["verbosity"].present)  # orbax's lines would bury the one that matters
   from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
   from convirt_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec("torch") is None:
     raise SystemExit("error: export writes image_encoder.pt with PyTorch: pip install torch")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the one line that matters
   from convirt_jax import storage  # pylint: disable=g-import-not-at-top
   if storage.is_remote(_OUTPUT.value):  # the workdir may be gs://; the export is renamed into place
     raise SystemExit(f"error: --output={_OUTPUT.value}: give a local directory (copy it to a bucket after)")

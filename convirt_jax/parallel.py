@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from convirt_jax import multihost
+from convirt_jax import logs, multihost
 from convirt_jax.errors import AcceleratorUnavailable, ConfigError
 
 DATA_AXIS = "data"
@@ -60,6 +60,7 @@ def initialize(distributed_config: ml_collections.ConfigDict | Mapping[str, Any]
   multihost.join(kwargs, init_timeout, heartbeat_timeout)
   _start_backend()
   if jax.process_count() > 1:
+    logs.set_process(jax.process_index(), jax.process_count())
     multihost.announce_place()
     multihost.check_agreement(num_processes, job_config, init_timeout)
     multihost.start_watchdog(heartbeat_timeout)

@@ -155,8 +155,10 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   eval_step = steps_lib.make_eval_step(model, config, mesh)
   logger = metric_logging.MetricLogger(workdir, enabled=is_main, resume_step=resume_step)
   preempted = preemption.SigtermFlag()
-  bar = metric_logging.progress_bar(steps_total, resume_step, enabled=is_main)
+  bar = metric_logging.Progress(steps_total, resume_step, is_main, every_seconds=config.log.every_seconds,
+                                batch_size=config.train.batch_size)
   window = []  # metrics since the last log, still on the devices
+  train_fields = {}
   step = resume_step
   best = _best_so_far(manager, config)  # (value, step) of the best validation metric saved so far
   stopped = _stop_early(config, step, best[1])  # a run that stopped early stays stopped when rerun
@@ -174,12 +176,15 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
         summary = _summarise(window)  # raises TrainingDiverged: nothing after the last good save is saved
         window = []
         logger.write(step, summary)
-        bar.set_postfix(loss=f"{summary['train/loss']:.4f}", lr=f"{summary['train/lr']:.2e}")
+        train_fields = dict(loss=f"{summary['train/loss']:.4f}", lr=f"{summary['train/lr']:.2e}")
+        bar.set_postfix(**train_fields)
       val_metrics = {}
       if (last or step % config.eval.every_steps == 0) and "validation" in dataset.sources:
         val_metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config,
                                       mesh)
         logger.write(step, val_metrics)
+        bar.set_postfix(**train_fields, val_loss=f"{val_metrics['val/loss']:.4f}")
+        bar.line()
         if config.optimizer.schedule == "plateau":
           plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]),
                                                            val_metrics["val/loss"], config)

@@ -81,6 +81,7 @@ def transfer_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128             # inference batch (features, validation, test), over every device
+  c.log = base.log
   c.distributed = base.distributed
   return c
 
@@ -95,7 +96,8 @@ _CHOICES = {
 }
 _POSITIVE = ("model.image.width", "data.image_size", "data.stored_size", "finetune.lr",
              "finetune.batch_size", "finetune.eval_every_steps", "finetune.log_every_steps",
-             "finetune.keep", "eval.batch_size", "linear.default_c", "linear.max_iter", "min_train")
+             "finetune.keep", "eval.batch_size", "linear.default_c", "linear.max_iter", "min_train",
+             "log.every_seconds")
 
 
 def validate_transfer(config: ml_collections.ConfigDict) -> None:

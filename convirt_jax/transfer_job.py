@@ -59,6 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"config.encoders={tuple(config.encoders)} has none")
   arch = transfer_encoders.resolve_architecture(encoders, config)
   config = _with_architecture(config, arch)
+  _check_declared_labels(config, protocols)
   mesh = parallel.make_mesh()
   if "finetune" in protocols:
     try:
@@ -155,6 +156,24 @@ def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
   metric_logging.announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
             f"Results are in {workdir} ({time.monotonic() - start:.0f} s)")
   return job.results
+
+
+def _check_declared_labels(config: ml_collections.ConfigDict, protocols: tuple[str, ...]) -> None:
+  """The checks of the labels that the builder declares from the config alone (a CSV's label columns,
+  a named set's own labels), before anything is built; the built set is checked again (resolve_task,
+  zeroshot.resolve_prompts), for labels that come from the data."""
+  if not set(protocols) - {"retrieval"}:
+    return
+  if config.data.name == "csv" and not config.data.label_columns:
+    raise DataError("the data set has no labels to transfer to (a CSV needs config.data.label_columns)")
+  declared = list(datasets.declared_label_names(config))
+  if not declared:
+    return
+  if config.data.task == "binary" and len(declared) != 1:
+    raise ConfigError(f"config.data.task='binary' needs exactly one label; the data set has "
+                      f"{len(declared)}: {declared}")
+  if "zeroshot" in protocols:
+    zeroshot.check_prompt_labels(config.zeroshot.prompts.to_dict(), declared)
 
 
 def resolve_task(requested: str, dataset_task: str, label_names: list[str], train_labels: np.ndarray) -> str:
@@ -317,7 +336,9 @@ class _Job:
     metric_logging.announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
               f"({sum(done)} done), batch {config.finetune.batch_size}, lr {config.finetune.lr:g}")
     logger = metric_logging.MetricLogger(self.workdir, enabled=is_main, resume_step=resume)
-    bar = metric_logging.progress_bar(total, sum(done), is_main, desc="fine-tune")
+    bar = metric_logging.Progress(total, sum(done), is_main, desc="fine-tune",
+                                  every_seconds=config.log.every_seconds,
+                                  batch_size=config.finetune.batch_size)
     preempted = preemption.SigtermFlag()
     try:
       finetuner = finetune.Finetuner(self.model, config, self.task, self.label_names, self.dataset.sources,

@@ -34,3 +34,31 @@ def tiny_run(tmp_path_factory, tiny_tfds_dir):
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   results = pretrain.run(tiny_config.cosine(tiny_tfds_dir), workdir)
   return workdir, results
+
+
+# How `-n 2` (pytest-xdist) shares the tests out. Two groups each run in one test process, and are handed
+# out first (xdist orders groups by size); every other test goes wherever a process is free:
+# - "long": the tests that run whole jobs on several processes, or kill and rerun them. One after another,
+#   their jobs' processes do not compete with each other for the cores (and their heartbeats), and they
+#   run while the other test process works through the rest.
+# - "tiny_run": the modules whose tests read the session's `tiny_run` (a session fixture is made once per
+#   test process: so once).
+# (xdist's own `xdist_group` marks do not take with this pytest: xdist renames the test ids to carry the
+# group, and pytest 9 ignores that.)
+GROUPS = {
+    **dict.fromkeys(("test_main_multiprocess", "test_transfer_multiprocess", "test_faults",
+                     "test_multiprocess", "test_multihost"), "long"),
+    **dict.fromkeys(("test_main", "test_api_export", "test_remote_workdir", "test_text_length"), "tiny_run"),
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class Grouped(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+      return GROUPS.get(module, nodeid)
+
+  return Grouped(config, log)

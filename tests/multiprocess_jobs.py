@@ -6,6 +6,7 @@ The processes build with XLA's cheapest optimisation level (as test_faults.py's 
 most of these tests' time, and every run compared with another is built with the same flags.
 """
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 HEARTBEAT_S = 5  # --config.distributed.heartbeat_timeout_seconds of these jobs
+# Lines a job's log must not have (logs.py): absl's Python prefix ("W1201 12:00:00.123456 42 file.py:12]"),
+# TFDS's builder-config dump and build banners, orbax's INFO lines.
+NOT_OURS = re.compile(r"^(process \d+: )?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |Using custom data configuration|"
+                      r"OpenCV is not installed|Downloading and preparing|Subsequent calls will reuse|orbax")
+# Not checked: the CUDA plugin's C++ notice ("I0000 00:00:... cudart_stub.cc:31] Could not find cuda
+# drivers"), printed by its own statically linked absl at every jax start because the test environment
+# installs the plan's compilers (requirements-plan.txt) beside the jobs; no logger level reaches it. The
+# README says to give the plan its own environment.
 CHEAP_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

@@ -39,9 +39,22 @@ def test_two_processes_run_the_job_and_a_lost_host_stops_the_other_and_the_rerun
   process 1 was lost; the same command on both processes resumes from step 2 and ends with the
   unbroken run's parameters."""
   unbroken = tmp_path / "unbroken"
+  started = time.monotonic()
   job = _job(unbroken, tmp_path / "logs")
   job.assert_ok()
+  elapsed = time.monotonic() - started
   assert "Results, metrics and plots" in job.output(0)
+  # A log file gets plain progress lines (one per validation, at steps 2 and 4, plus one per 60 s
+  # interval), no carriage-return bar updates; process 1 prints no progress.
+  assert "\r" not in job.output(0)
+  progress = [line for line in job.output(0).splitlines() if line.startswith("train ")]
+  assert 2 <= len(progress) <= 2 + elapsed // 60, progress
+  assert progress[-1].startswith(f"train {STEPS}/{STEPS} (100%)  loss "), progress
+  assert not [line for line in job.output(1).splitlines() if line.startswith("train ")]
+  for i in range(2):  # no line of TFDS's, orbax's or absl's own; the project's plainly
+    noise = [line for line in job.output(i).splitlines() if multiprocess_jobs.NOT_OURS.search(line)]
+    assert not noise, noise
+  assert len(job.output(0).encode()) < 20_000, len(job.output(0).encode())  # the whole log, tables included
   assert "ConVIRT evaluation" not in job.output(1), "only process 0 prints the results"
   results = json.loads((unbroken / "results.json").read_text())
   assert results["run"]["processes"] == 2 and results["run"]["devices"] == 4

@@ -154,13 +154,13 @@ def test_max_batch_fits_and_its_double_does_not():
   # On a GPU: the tiny step's memory on a TPU barely grows with the rows (its temporaries are the
   # compiler's workspace), so no small chip would tell the rows apart.
   planner = _planner("transfer", "h100x1")
-  # A chip that holds the tiny step at 2 x ROWS rows but, by the growth from ROWS to 2 x ROWS, not at
-  # 4 x ROWS: the search, starting at ROWS, meets the limit at once.
+  # A chip that holds the tiny step at ROWS rows but not at 2 x ROWS: the search, predicting from its
+  # compile at ROWS, compiles the prediction's double and stops (two compiles in all).
   small, large = (planner.at(rows)["memory_bytes"]["total"] for rows in (ROWS, 2 * ROWS))
-  capacity = large + (large - small)
+  capacity = (small + large) // 2
   found = planner.largest_batch("plain", start=ROWS, capacity=capacity)
   rows = found["rows_per_chip"]
-  assert rows >= ROWS and found["total_bytes"] <= capacity < found["double_total_bytes"]
+  assert rows == ROWS and found["total_bytes"] <= capacity < found["double_total_bytes"]
   assert planner.at(rows)["memory_bytes"]["total"] <= capacity  # both compiled
   assert planner.at(2 * rows)["memory_bytes"]["total"] > capacity
 

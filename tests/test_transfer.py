@@ -476,6 +476,22 @@ def test_csv_without_the_label_columns_is_refused(root, convirt_dir):
     transfer_job.run(config, os.path.join(root, "bad_csv"))
 
 
+def test_prompts_for_labels_a_csv_does_not_have_stop_the_job_before_anything_is_built(root, convirt_dir):
+  """The labels of a CSV are in the config: the zero-shot prompts are checked against them before the
+  data set is built, and the failed command leaves no workdir and no dataset directory."""
+  csv = os.path.join(root, "covid.csv")
+  with open(csv, "w") as f:
+    f.write("image,text,covid,bacterial,no_finding\na.png,Clear lungs.,0,0,1\n")
+  config = _bad(root, convirt_dir, data__name="csv", data__csv=csv,
+                data__tfds_dir=os.path.join(root, "covid_tfds"))
+  config.data.label_columns = ("covid", "bacterial", "no_finding")
+  workdir = os.path.join(root, "covid_run")
+  with pytest.raises(ConfigError, match=r"config.zeroshot.prompts has labels \[.*\] that the data set "
+                                        r"does not have \(its labels: \['covid', 'bacterial', 'no_finding'\]\)"):
+    transfer_job.run(config, workdir)
+  assert not os.path.exists(workdir) and not os.path.exists(config.data.tfds_dir)
+
+
 def test_cli_prints_one_line_naming_the_missing_pretraining_run(root):
   result = subprocess.run(
       [sys.executable, "-m", "convirt_jax.transfer", "--config=configs/transfer/synthetic.py",

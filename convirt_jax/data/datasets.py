@@ -79,8 +79,12 @@ def _builder_parts(config: ml_collections.ConfigDict):
 
 
 def declared_label_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The labels a data set's builder declares without reading its files (() when they come from the data)."""
-  _, builder_cls = _builder_parts(config)
+  """The labels a data set's builder declares without reading its files: its LABEL_NAMES, or what its
+  module's `declared_label_names(config)` reads from the config (a CSV's label columns); () when they
+  come from the data."""
+  module, builder_cls = _builder_parts(config)
+  if hasattr(module, "declared_label_names"):
+    return tuple(module.declared_label_names(config))
   return tuple(getattr(builder_cls, "LABEL_NAMES", ()))
 
 
@@ -172,7 +176,7 @@ def _wait_until_built(path: str, timeout_s: float, poll_interval_s: float) -> No
 
 def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder_process: bool = True,
                  retrieval_text_queries: Mapping[str, list[str]] | None = None,
-                 wait_timeout_s: float = 24 * 3600.0, poll_interval_s: float = 10.0) -> Dataset:
+                 wait_timeout_s: float = 24 * 3600.0, poll_interval_s: float = 1.0) -> Dataset:
   """Builds the dataset into `data_dir` unless built already, then opens every split.
 
   Args:
@@ -188,7 +192,8 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
       that did not appear in time.
   """
   path = prepared_dir(config, data_dir)
-  if not _is_built(path):
+  reused = _is_built(path)
+  if not reused:
     if is_builder_process and storage.is_remote(data_dir):
       _build_and_upload(config, path)
     elif is_builder_process:
@@ -204,6 +209,10 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
   reader = tfds.builder_from_directory(path)
   sources = {split: reader.as_data_source(split=split) for split in reader.info.splits}
   metadata = reader.info.metadata or {}
+  if is_builder_process:  # said once, for TFDS's own lines are silenced (logs.py)
+    sizes = ", ".join(f"{split} {len(source):,}" for split, source in sources.items())
+    print(f"{'Using the' if reused else 'Built the'} {config.data.name} dataset in {path}: {sizes}",
+          flush=True)
   if config.data.strict:
     _refuse_skipped_records(path, metadata)
   if retrieval_text_queries is None and config.data.name == "synthetic":

@@ -325,6 +325,8 @@ class Finetuner:
         if value is not None:
           val_metrics = {BEST_METRIC: -value}
           self._log(offset + step, {f"{run.prefix}/val/{self._metric_name()}": value})
+          if self.bar is not None:
+            self.bar.line()
       if evaluate or stopping:
         # Host copies: orbax would otherwise slice every replicated array on every device.
         checkpoints.save(manager, step, parallel.fetch(state), data_iterator=train_iter,

@@ -34,6 +34,15 @@ CHEXPERT_PROMPTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_prompt_labels(configured: Mapping[str, Sequence[str]], label_names: Sequence[str]) -> None:
+  """Raises ConfigError when config.zeroshot.prompts names a label that `label_names` lacks (the
+  transfer job checks the labels a builder declares before the build, then the built set's)."""
+  unknown = sorted(set(map(str, configured or {})) - set(label_names))
+  if unknown:
+    raise ConfigError(f"config.zeroshot.prompts has labels {unknown} that the data set does not have "
+                      f"(its labels: {list(label_names)})")
+
+
 def resolve_prompts(configured: Mapping[str, Sequence[str]], label_names: Sequence[str],
                     task: str) -> tuple[dict[str, list[str]], dict[str, str]]:
   """({label: prompts} for the labels that have them, {label: reason} for those that do not).
@@ -43,10 +52,7 @@ def resolve_prompts(configured: Mapping[str, Sequence[str]], label_names: Sequen
   """
   source = {str(k): [str(p) for p in v] for k, v in (configured or CHEXPERT_PROMPTS).items()}
   where = "config.zeroshot.prompts" if configured else "the default CheXpert prompts"
-  unknown = sorted(set(source) - set(label_names))
-  if configured and unknown:
-    raise ConfigError(f"config.zeroshot.prompts has labels {unknown} that the data set does not have "
-                      f"(its labels: {list(label_names)})")
+  check_prompt_labels(configured, label_names)
   prompts = {name: source[name] for name in label_names if name in source}
   excluded = {name: f"no prompt in {where}" for name in label_names if name not in source}
   if not prompts:

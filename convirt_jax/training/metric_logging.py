@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `metrics.jsonl` and TensorBoard event files in the workdir, and a progress bar.
+"""Where a run's numbers go: `metrics.jsonl` and TensorBoard event files in the workdir, and the progress
+shown while a job runs (a bar on a terminal, plain timed lines in a log file).
 
 Only the main process writes; the others get a logger that does nothing, so call sites need no checks.
 A resumed run appends to the same files; rows past the resume step (logged after the last checkpoint of the
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Mapping
@@ -102,10 +104,83 @@ def read_metrics(metrics_jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
   return records
 
 
-def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -> tqdm.tqdm:
-  """Steps with rate, ETA and a loss postfix; quiet on non-main processes."""
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
-                   dynamic_ncols=True, smoothing=0.1)
+class Progress:
+  """A job's progress: a tqdm bar on a terminal; in a log file (stderr not a terminal, as under SLURM or
+  `> run.log 2>&1`) one plain line every `every_seconds` and at each `line()` (the jobs call it after a
+  validation), never a carriage return:
+
+    train 120/1000 (12%)  loss 3.3217  lr 1.00e-03  2.31 steps/s  73.9 images/s  ETA 6m21s
+
+  Rates are over the steps since the previous line. Quiet on non-main processes (`enabled=False`)."""
+
+  def __init__(self, total: int, initial: int, enabled: bool, *, desc: str = "train",
+               every_seconds: float = 60.0, batch_size: int = 0, stream=None):
+    self.total, self.n, self.enabled, self.desc = total, initial, enabled, desc
+    self.every_seconds, self.batch_size = every_seconds, batch_size
+    self._stream = stream or sys.stderr
+    self._fields: dict[str, str] = {}
+    self._bar = None
+    if enabled and _is_terminal(self._stream):
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                            smoothing=0.1, file=self._stream)
+    self._last_time, self._last_n = time.monotonic(), initial
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    if self._bar is not None:
+      self._bar.update(n)
+    elif self.enabled and time.monotonic() - self._last_time >= self.every_seconds:
+      self.line()
+
+  def set_postfix(self, **fields: str) -> None:
+    self._fields = dict(fields)
+    if self._bar is not None:
+      self._bar.set_postfix(**fields)
+
+  def line(self) -> None:
+    """Prints the progress line now (a log file only: a terminal's bar is always current)."""
+    if not self.enabled or self._bar is not None:
+      return
+    now = time.monotonic()
+    rate = (self.n - self._last_n) / max(now - self._last_time, 1e-9)
+    parts = [f"{self.desc} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"]
+    parts += [f"{k} {v}" for k, v in self._fields.items()]
+    parts.append(f"{rate:.3g} steps/s")
+    if self.batch_size:
+      parts.append(f"{rate * self.batch_size:.4g} images/s")
+    if rate > 0 and self.n < self.total:
+      parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+    print("  ".join(parts), file=self._stream, flush=True)
+    self._last_time, self._last_n = now, self.n
+
+  def write(self, message: str) -> None:
+    """A message between progress updates (a terminal's bar is redrawn below it)."""
+    if self._bar is not None:
+      self._bar.write(message, file=self._stream)
+    else:
+      print(message, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    elif self.enabled and self.n > self._last_n:
+      self.line()
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _truncate_after(path: str, step: int) -> None:

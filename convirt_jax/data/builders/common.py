@@ -98,6 +98,15 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
   def url_infos(cls) -> None:
     return None
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... Subsequent calls will reuse
+  # this data." around every build: nothing is downloaded here, and `datasets.load_dataset` says what it
+  # builds and what it built (with the split sizes).
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
 
 def params_hash(params: Any, length: int = 10) -> str:
   """A short stable hash of a dataclass or JSON-able value: names a BuilderConfig after its parameters."""

@@ -65,6 +65,16 @@ class CsvParams:
     return f"s{self.stored_size}_{common.params_hash(self)}"
 
 
+def declared_label_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The label names known from the config alone: the label columns, unless one column may be
+  categorical (task "multiclass", or "auto" with one column), whose classes are its values."""
+  columns = tuple(str(c) for c in config.data.label_columns)
+  task = str(config.data.get("task", "auto"))
+  if task == "multiclass" or (task == "auto" and len(columns) == 1):
+    return ()
+  return columns
+
+
 def params_from_config(config: ml_collections.ConfigDict) -> CsvParams:
   if not config.data.csv:
     raise DataError("config.data.csv is empty: give the CSV of pairs (columns image,text[,split][,group])")
