@@ -8,8 +8,9 @@ its source.
   that logs them, never by their text): orbax warns at every read-only restore about items not asked
   for, TFDS at every load about the builder's "custom data configuration" (with its whole parameter
   dump); the project says itself what it built or reused (`data/datasets.py`).
-- XLA's and the plugins' C++ INFO lines (TF_CPP_MIN_LOG_LEVEL=1, before jax loads): the CUDA plugin,
-  where installed beside a CPU jax, logs "Could not find cuda drivers" at every start.
+- Not reached: the CUDA plugin, where installed beside a CPU jax, logs "Could not find cuda drivers" at
+  every start from its own statically linked C++ absl (neither TF_CPP_MIN_LOG_LEVEL nor
+  JAX_LOGGING_LEVEL silences it); give the plan's compilers an environment of their own.
 `--verbosity=0` or higher (absl's flag) keeps every record and absl's own format, for debugging.
 """
 import logging as std_logging
@@ -39,8 +40,7 @@ _PLAIN = _Plain()
 
 
 def configure(verbose: bool) -> None:
-  """The jobs' logging, set once at start-up by `cli` (before jax is imported)."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  """The jobs' logging, set once at start-up by the command lines."""
   if verbose:
     return
   logging.set_verbosity(logging.WARNING)  # the progress lines and the results say what matters

@@ -164,30 +164,29 @@ def _check_declared_labels(config: ml_collections.ConfigDict, protocols: tuple[s
   zeroshot.resolve_prompts), for labels that come from the data."""
   if not set(protocols) - {"retrieval"}:
     return
-  if config.data.name == "csv" and not config.data.label_columns:
-    raise DataError("the data set has no labels to transfer to (a CSV needs config.data.label_columns)")
   declared = list(datasets.declared_label_names(config))
-  if not declared:
-    return
-  if config.data.task == "binary" and len(declared) != 1:
-    raise ConfigError(f"config.data.task='binary' needs exactly one label; the data set has "
-                      f"{len(declared)}: {declared}")
-  if "zeroshot" in protocols:
+  if declared or (config.data.name == "csv" and not config.data.label_columns):
+    _check_label_count(config.data.task, declared)
+  if declared and "zeroshot" in protocols:
     zeroshot.check_prompt_labels(config.zeroshot.prompts.to_dict(), declared)
+
+
+def _check_label_count(requested: str, label_names: list[str]) -> None:
+  if not label_names:
+    raise DataError("the data set has no labels to transfer to (a CSV needs config.data.label_columns)")
+  if requested == "binary" and len(label_names) != 1:
+    raise ConfigError(f"config.data.task='binary' needs exactly one label; the data set has "
+                      f"{len(label_names)}: {label_names}")
 
 
 def resolve_task(requested: str, dataset_task: str, label_names: list[str], train_labels: np.ndarray) -> str:
   """config.data.task -> "binary" | "multilabel" | "multiclass"; "auto" is the data set's own (one label:
   binary). Raises ConfigError / DataError when the labels cannot be that task."""
-  if not label_names:
-    raise DataError("the data set has no labels to transfer to (a CSV needs config.data.label_columns)")
+  _check_label_count(requested, label_names)
   if requested == "auto":
     if dataset_task == "multiclass":
       return "multiclass"
     return "binary" if len(label_names) == 1 else "multilabel"
-  if requested == "binary" and len(label_names) != 1:
-    raise ConfigError(f"config.data.task='binary' needs exactly one label; the data set has "
-                      f"{len(label_names)}: {label_names}")
   if requested == "multiclass":
     counts = linear_probe.binarize_labels(train_labels, label_names, "train labels").sum(axis=1)
     if (counts != 1).any():
