@@ -302,10 +302,13 @@ def _exit(message: str, report: bool = True) -> None:
   here = _HERE
   prefix = f"process {here}: " if here is not None else ""
   print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
-  if report and _WATCHDOG is not None:
+  if report and here is not None:
     with contextlib.suppress(Exception):
-      _client().key_value_set(f"{_KEY}/failed/{here}", message.splitlines()[0][:2000])
-      if here == 0:  # the coordinator: let the others read the message before the store goes away
+      if _WATCHDOG is not None:
+        _client().key_value_set(f"{_KEY}/failed/{here}", message.splitlines()[0][:2000])
+      if here == 0:
+        # The coordinator: its exit makes the runtime abort the others. Give them time to read the
+        # message, or (before the watchdog, e.g. settings that disagree) to reach their own error line.
         time.sleep(3 * _BEAT_SECONDS)
   sys.stdout.flush()
   os._exit(1)  # pylint: disable=protected-access
