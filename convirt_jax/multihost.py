@@ -20,6 +20,7 @@ Exits: 1 for an error (after its one line), the child's own code otherwise.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import importlib.util
@@ -274,15 +275,20 @@ def start_watchdog(timeout: float) -> None:
   if _WATCHDOG is None:
     _WATCHDOG = _Watchdog(jax.process_index(), jax.process_count(), timeout)
     _WATCHDOG.start()
+    # Before jax's own atexit shutdown (atexit runs last-registered first): a daemon thread still in a
+    # key-value call when the interpreter finalizes aborts the process ("exception not rethrown").
+    atexit.register(stop_watchdog)
 
 
 def stop_watchdog() -> None:
   """The job is done here: the processes leave together through the runtime's shutdown barrier, and
   process 0 (the coordinator) may be gone first."""
-  if _WATCHDOG is not None:
+  if _WATCHDOG is not None and not _WATCHDOG.stopped.is_set():
     with contextlib.suppress(Exception):
       _client().key_value_set(f"{_KEY}/done/{_WATCHDOG.here}", "1")
     _WATCHDOG.stopped.set()
+    if _WATCHDOG is not threading.current_thread():
+      _WATCHDOG.join(5 * _BEAT_SECONDS)  # out of any key-value call before the runtime shuts down
 
 
 def wait_for_watchdog() -> None:

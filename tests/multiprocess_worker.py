@@ -26,6 +26,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from convirt_jax import multihost  # noqa: E402
 from convirt_jax import parallel  # noqa: E402
 from convirt_jax.training import optimizer as opt_lib  # noqa: E402
 from convirt_jax.training import state as state_lib  # noqa: E402
@@ -247,6 +248,7 @@ def main(argv=None) -> None:
     json.dump(summary, f)
   if parallel.is_main_process():
     np.savez(os.path.join(args.out, "step.npz"), **results)
+  multihost.stop_watchdog()  # as the jobs end (cli.run_job)
   jax.distributed.shutdown()
 
 

@@ -66,3 +66,37 @@ def test_a_timeout_that_is_not_positive_is_a_config_error(count):
   config.heartbeat_timeout_seconds = int(count)
   with pytest.raises(ConfigError, match="heartbeat_timeout_seconds"):
     parallel.initialize(config)
+
+
+class _SlowStore:
+  """The coordinator's key-value store as the watchdog sees it, each read taking a while (as an RPC)."""
+
+  def __init__(self):
+    self.values, self.reads = {}, 0
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    self.reads += 1
+    time.sleep(0.3)
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def test_the_watchdog_is_out_of_the_store_before_the_runtime_shuts_down(monkeypatch):
+  # A daemon thread still inside a store call when the interpreter finalizes aborts the process
+  # ("terminate called ... exception not rethrown"), which a two-process run once did at its exit.
+  from convirt_jax import multihost
+  store, exits = _SlowStore(), []
+  monkeypatch.setattr(multihost, "_client", lambda: store)
+  monkeypatch.setattr(multihost, "_WATCHDOG", None)
+  monkeypatch.setattr(multihost.atexit, "register", exits.append)
+  multihost.start_watchdog(timeout=60)
+  watchdog = multihost._WATCHDOG
+  while store.reads == 0:
+    time.sleep(0.01)
+  assert multihost.stop_watchdog in exits, "stopped at exit too (after jax registered its shutdown: runs first)"
+  multihost.stop_watchdog()
+  assert not watchdog.is_alive()
+  assert store.values["convirt_jax/done/0"] == "1"
+  multihost.stop_watchdog()  # again (the job's end, then atexit): nothing more to do
