@@ -1,7 +1,7 @@
 """Images per second of the training input pipeline, with grain threads and with worker processes.
 
 The source holds JPEG (quality 95) greyscale images stored at a shorter side of 256 px and is decoded per
-read with Pillow, as `tfds.data_source` does; `--tfds_dir` reads a built TFDS dataset instead. Each
+read with the data sources' decoder (`data/decode.py`); `--tfds_dir` reads a built TFDS dataset instead. Each
 setting runs the real `train_loader` (decode, one sentence, paper augmentations to 224 px, batched
 tokenisation) and prints a table:
 
@@ -114,7 +114,8 @@ def main() -> None:
   tokenizer = Tokenizer.from_pretrained(tokenizer_dir, max_length=args.max_length)
   if args.tfds_dir:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    source = tfds.builder_from_directory(args.tfds_dir).as_data_source(split="train")
+    from convirt_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    source = datasets.open_source(tfds.builder_from_directory(args.tfds_dir), "train")
     what = f"TFDS {args.tfds_dir} (train, {len(source)} records)"
   else:
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from convirt_jax.config import base_config
 from convirt_jax.data import augment
+from convirt_jax.data import datasets
 from convirt_jax.data import pipeline
 from convirt_jax.errors import DataError
 from convirt_jax.tokenizer import Tokenizer
@@ -266,7 +267,7 @@ class PipelineTestRecords(tfds.core.GeneratorBasedBuilder):
 def test_a_tfds_array_record_source_gives_the_same_batches(tokenizer, tmp_path):
   builder = PipelineTestRecords(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
-  source = tfds.builder_from_directory(builder.data_dir).as_data_source(split="train")
+  source = datasets.open_source(tfds.builder_from_directory(builder.data_dir), "train")
   # TFDS stores the records in its own (hashed) order: compare against the same order in memory.
   in_memory = [_record(int(source[i]["labels"][0])) for i in range(len(source))]
   assert sorted(int(r["labels"][0]) for r in in_memory) == list(range(10))

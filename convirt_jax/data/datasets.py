@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from convirt_jax import storage
+from convirt_jax.data import decode
 from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
 
@@ -207,7 +208,7 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
       _wait_until_built(path, wait_timeout_s, poll_interval_s)
   # Read through the stored features and metadata: no raw data (or builder parameters) needed.
   reader = tfds.builder_from_directory(path)
-  sources = {split: reader.as_data_source(split=split) for split in reader.info.splits}
+  sources = {split: open_source(reader, split) for split in reader.info.splits}
   metadata = reader.info.metadata or {}
   if is_builder_process:  # said once, for TFDS's own lines are silenced (logs.py)
     sizes = ", ".join(f"{split} {len(source):,}" for split, source in sources.items())
@@ -244,6 +245,11 @@ def _refuse_skipped_records(path: str, metadata: Mapping[str, Any]) -> None:
                     f"and skipped records ({summary}). To rebuild it strictly (stopping at the first bad "
                     f"record), delete that directory (rm -r {path}) or set config.data.tfds_dir to another "
                     "directory; or set config.data.strict=False to use it as it is")
+
+
+def open_source(reader: tfds.core.DatasetBuilder, split: str):
+  """The split's records as a random-access source, the image decoded by `decode.image` on each read."""
+  return reader.as_data_source(split=split, decoders={"image": decode.ImageDecoder()})
 
 
 def text_source(dataset: Dataset, split: str):

@@ -1,4 +1,4 @@
-"""Synthetic training records whose images are JPEG bytes decoded on every read, as a TFDS source is.
+"""Synthetic training records whose images are JPEG bytes decoded on every read, as the data sources are.
 
 For timing the input pipeline without a data set (benchmarks/pipeline_throughput.py, the plan's input
 side): greyscale textures at the stored size (the longer side up to 5/4 of it), JPEG quality 95, and
@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from convirt_jax.data import decode
+
 _SENTENCES = (
     "The lungs are clear without focal consolidation.", "There is no pleural effusion or pneumothorax.",
     "Heart size is mildly enlarged.", "Mediastinal contours are within normal limits.",
@@ -19,7 +21,7 @@ _SENTENCES = (
 
 
 class JpegSource:
-  """Random-access records whose images are kept as JPEG bytes and decoded per read, like TFDS."""
+  """Random-access records whose images are kept as JPEG bytes and decoded per read (`decode.image`)."""
 
   def __init__(self, num_records: int, stored_size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -39,9 +41,12 @@ class JpegSource:
   def __len__(self) -> int:
     return len(self._jpegs)
 
+  def encoded(self, index: int) -> bytes:
+    """The record's image as stored: JPEG bytes."""
+    return self._jpegs[index]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    with Image.open(io.BytesIO(self._jpegs[index])) as image:
-      pixels = np.asarray(image)[..., None]
+    pixels = decode.image(self._jpegs[index])
     return {"id": f"bench/{index}".encode(), "image": pixels, "report": self._texts[index],
             "text": self._texts[index], "labels": np.zeros((8,), np.float32)}
 

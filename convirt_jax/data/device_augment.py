@@ -1,0 +1,215 @@
+"""ConVIRT's training augmentations in JAX, per example, inside the jitted step (`data.augment_on="device"`).
+
+The same transform as `augment.TrainAugment` (see its module docstring for the steps and ranges), computed
+from a fixed-shape uint8 image (the stored image padded or cut to [H, W], with its valid extent), so that
+batches keep static shapes and the host only decodes. The parameters are drawn from one key per example
+with the same distributions as the host's draws (`sample`; a test compares them on many draws); for the
+same parameters each step equals the host's (Pillow's arithmetic) within 1 grey level (tests per step):
+  - the resized crop is Pillow's antialiased bilinear resampling written as two weight matrices (rows and
+    columns of the crop box only), so it runs as two small matmuls per example;
+  - the affine transform samples bilinearly at Pillow's pixel centres, fill 0 outside the image;
+  - brightness, contrast and the blur are the host's float formulas; the blur's kernel has the largest
+    radius the config allows, its taps past this example's radius set to 0.
+Like the host, the image is rounded to whole grey levels after the crop and after the affine step (Pillow
+works on uint8 images), so the whole transform is also within 1 grey level of the host's.
+"""
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convirt_jax.data.augment import ASPECT_RATIO_RANGE, AugmentParams, TrainAugment, gaussian_kernel_size
+
+Params = dict[str, jax.Array]  # one example's draw: see `sample`
+_CROP_TRIES = 10
+
+
+def _round(x: jax.Array) -> jax.Array:
+  """Python's round() (half to even), as an int32."""
+  return jnp.round(x).astype(jnp.int32)
+
+
+def _randint(key: jax.Array, high: jax.Array) -> jax.Array:
+  """Uniform integer in [0, high) for a traced high >= 1."""
+  return jnp.minimum(jnp.floor(jax.random.uniform(key) * high).astype(jnp.int32), high - 1)
+
+
+def crop_box(key: jax.Array, height: jax.Array, width: jax.Array, scale: tuple[float, float],
+             ratio: tuple[float, float] = ASPECT_RATIO_RANGE) -> jax.Array:
+  """torchvision's RandomResizedCrop.get_params for a (traced) height x width: int32 [top, left, h, w]."""
+  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+  area = (height * width).astype(jnp.float32)
+  target_area = area * jax.random.uniform(k_area, (_CROP_TRIES,), minval=scale[0], maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (_CROP_TRIES,), minval=math.log(ratio[0]),
+                                      maxval=math.log(ratio[1])))
+  ws = _round(jnp.sqrt(target_area * aspect))
+  hs = _round(jnp.sqrt(target_area / aspect))
+  ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  first = jnp.argmax(ok)
+  # The fallback: the largest centred crop whose aspect ratio is inside `ratio`.
+  in_ratio = width / height
+  fw = jnp.where(in_ratio < min(ratio), width,
+                 jnp.where(in_ratio > max(ratio), _round(height * max(ratio)), width))
+  fh = jnp.where(in_ratio < min(ratio), _round(width / min(ratio)), height)
+  found = ok.any()
+  h = jnp.where(found, hs[first], fh)
+  w = jnp.where(found, ws[first], fw)
+  top = jnp.where(found, _randint(k_top, height - h + 1), (height - h) // 2)
+  left = jnp.where(found, _randint(k_left, width - w + 1), (width - w) // 2)
+  return jnp.stack([top, left, h, w]).astype(jnp.int32)
+
+
+def sample(key: jax.Array, spec: TrainAugment, height: jax.Array, width: jax.Array) -> Params:
+  """One example's parameters for an image of (traced) height x width, from one key."""
+  keys = jax.random.split(key, 10)
+  uniform = lambda k, bounds: jax.random.uniform(k, minval=bounds[0], maxval=bounds[1])
+  max_shift = spec.translation * spec.size
+  return {
+      "crop_box": crop_box(keys[0], height, width, spec.crop_scale),
+      "flip": jax.random.uniform(keys[1]) < spec.flip_prob,
+      "angle": uniform(keys[2], (-spec.rotation, spec.rotation)),
+      "shift": jnp.stack([_round(uniform(keys[3], (-max_shift, max_shift))),
+                          _round(uniform(keys[4], (-max_shift, max_shift)))]),
+      "zoom": uniform(keys[5], spec.scale),
+      "contrast_first": jax.random.uniform(keys[6]) < 0.5,
+      "brightness": uniform(keys[7], spec.brightness),
+      "contrast": uniform(keys[8], spec.contrast),
+      "blur_sigma": uniform(keys[9], spec.blur_sigma),
+  }
+
+
+def from_host(params: AugmentParams) -> Params:
+  """The host's draw as device parameters (to apply the same draw on both sides)."""
+  return {"crop_box": jnp.asarray(params.crop_box, jnp.int32), "flip": jnp.asarray(params.flip),
+          "angle": jnp.float32(params.angle), "shift": jnp.asarray(params.shift, jnp.int32),
+          "zoom": jnp.float32(params.zoom), "contrast_first": jnp.asarray(params.contrast_first),
+          "brightness": jnp.float32(params.brightness), "contrast": jnp.float32(params.contrast),
+          "blur_sigma": jnp.float32(params.blur_sigma)}
+
+
+def _resize_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
+  """[out_size, in_size] weights of Pillow's bilinear resampling of input [start, start + length) to
+  out_size samples: a triangle widened by the reduction factor (antialiasing), normalised per row."""
+  scale = length.astype(jnp.float32) / out_size
+  filter_scale = jnp.maximum(scale, 1.0)
+  centre = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale  # in crop coordinates
+  j = jnp.arange(in_size, dtype=jnp.float32) - start.astype(jnp.float32)
+  w = jnp.maximum(0.0, 1.0 - jnp.abs((j[None, :] - centre[:, None] + 0.5) / filter_scale))
+  inside = (j >= 0) & (j < length.astype(jnp.float32))
+  w = jnp.where(inside[None, :], w, 0.0)
+  return w / w.sum(axis=1, keepdims=True)
+
+
+def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """float [H, W] -> [size, size] whole grey levels: the box (top, left, h, w) resampled as Pillow's crop +
+  resize."""
+  rows = _resize_weights(box[0], box[2], image.shape[0], size)
+  cols = _resize_weights(box[1], box[3], image.shape[1], size)
+  hi = jax.lax.Precision.HIGHEST  # float32 matmuls on TPU/GPU: bf16 passes would cost grey levels
+  # Pillow's order and roundings: the horizontal pass to a uint8 image, then the vertical one.
+  across = jnp.floor(jnp.matmul(image, cols.T, precision=hi) + 0.5)
+  return jnp.floor(jnp.matmul(rows, across, precision=hi) + 0.5)
+
+
+def affine(image: jax.Array, angle: jax.Array, shift: jax.Array, zoom: jax.Array) -> jax.Array:
+  """float [S, S]: rotation by `angle` degrees, zoom about the centre, then shift (x, y); Pillow's
+  bilinear sampling at pixel centres (edge pixels clamped), 0 where the source is outside the image."""
+  height, width = image.shape
+  cx, cy = width * 0.5, height * 0.5
+  rot = jnp.deg2rad(angle)
+  a, b = jnp.cos(rot) / zoom, jnp.sin(rot) / zoom
+  d, e = -jnp.sin(rot) / zoom, jnp.cos(rot) / zoom
+  tx, ty = shift[0].astype(jnp.float32), shift[1].astype(jnp.float32)
+  c = a * (-cx - tx) + b * (-cy - ty) + cx
+  f = d * (-cx - tx) + e * (-cy - ty) + cy
+  y, x = jnp.mgrid[0:height, 0:width].astype(jnp.float32) + 0.5
+  xin, yin = a * x + b * y + c, d * x + e * y + f
+  outside = (xin < 0) | (xin >= width) | (yin < 0) | (yin >= height)
+  xin, yin = xin - 0.5, yin - 0.5
+  x0, y0 = jnp.floor(xin), jnp.floor(yin)
+  dx, dy = xin - x0, yin - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  clip_x = lambda v: jnp.clip(v, 0, width - 1)
+  clip_y = lambda v: jnp.clip(v, 0, height - 1)
+  top = image[clip_y(y0), clip_x(x0)] * (1 - dx) + image[clip_y(y0), clip_x(x0 + 1)] * dx
+  # Pillow: the row below the last one is the last row itself.
+  below = jnp.where(y0 + 1 < height, clip_y(y0 + 1), clip_y(y0))
+  bottom = image[below, clip_x(x0)] * (1 - dx) + image[below, clip_x(x0 + 1)] * dx
+  return jnp.where(outside, 0.0, top * (1 - dy) + bottom * dy)
+
+
+def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
+  return jnp.clip(image * factor, 0.0, 255.0)
+
+
+def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+  return jnp.clip(factor * image + (1.0 - factor) * image.mean(), 0.0, 255.0)
+
+
+def max_blur_radius(spec: TrainAugment) -> int:
+  """The kernel radius of the largest sigma the config draws (0: no blur)."""
+  return gaussian_kernel_size(spec.blur_sigma[1]) // 2 if spec.blur_sigma[1] > 0 else 0
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array, max_radius: int) -> jax.Array:
+  """float [S, S]: the host's separable Gaussian (radius ceil(3 sigma), reflect padding) with a kernel
+  of `max_radius`, the taps past this sigma's radius 0; sigma <= 0 leaves the image as it is."""
+  radius = jnp.ceil(3.0 * sigma)
+  taps = jnp.arange(-max_radius, max_radius + 1, dtype=jnp.float32)
+  kernel = jnp.where(jnp.abs(taps) <= radius, jnp.exp(-0.5 * (taps / jnp.maximum(sigma, 1e-6)) ** 2), 0.0)
+  kernel = kernel / kernel.sum()
+  out = image
+  for axis in (0, 1):
+    n = out.shape[axis]
+    padding = [(0, 0), (0, 0)]
+    padding[axis] = (max_radius, max_radius)
+    padded = jnp.moveaxis(jnp.pad(out, padding, mode="reflect"), axis, 0)
+    acc = sum(kernel[k] * padded[k:k + n] for k in range(2 * max_radius + 1))
+    out = jnp.moveaxis(acc, 0, axis)
+  return jnp.where(sigma > 0, out, image)
+
+
+def apply(image: jax.Array, params: Params, spec: TrainAugment) -> jax.Array:
+  """uint8 [H, W] (the valid extent at the top left) -> float32 [S, S] of whole grey levels."""
+  # Whole grey levels after the two geometric steps, as the host's uint8 images (Pillow truncates the
+  # affine step's samples).
+  x = resized_crop(image.astype(jnp.float32), params["crop_box"], spec.size)
+  x = jnp.where(params["flip"], x[:, ::-1], x)
+  x = jnp.floor(affine(x, params["angle"], params["shift"], params["zoom"]))
+  bc = adjust_contrast(adjust_brightness(x, params["brightness"]), params["contrast"])
+  cb = adjust_brightness(adjust_contrast(x, params["contrast"]), params["brightness"])
+  x = jnp.where(params["contrast_first"], cb, bc)
+  radius = max_blur_radius(spec)
+  if radius:
+    x = gaussian_blur(x, params["blur_sigma"], radius)
+  return jnp.clip(jnp.round(x), 0.0, 255.0)
+
+
+def augment_batch(images: jax.Array, extents: jax.Array, key: jax.Array, spec: TrainAugment,
+                  first_row: Any = 0) -> jax.Array:
+  """uint8 [b, H, W] images with their valid [b, 2] (height, width) -> uint8 [b, S, S, 3].
+
+  Example i's key is `fold_in(key, first_row + i)`: with `first_row` the rows' place in the global batch,
+  each example's draw depends only on the step's key and its row, not on the devices or processes."""
+  rows = first_row + jnp.arange(images.shape[0])
+
+  def one(image, extent, row):
+    params = sample(jax.random.fold_in(key, row), spec, extent[0], extent[1])
+    return apply(image, params, spec)
+
+  grey = jax.vmap(one)(images, extents, rows).astype(jnp.uint8)
+  return jnp.repeat(grey[..., None], 3, axis=-1)
+
+
+def pad_to(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Host side: uint8 [h, w(, 1)] -> (uint8 [height, width], int32 [2] valid extent): zero-padded at the
+  bottom and right, or cut (centred) where the image is larger."""
+  grey = image[..., 0] if image.ndim == 3 else image
+  h, w = grey.shape
+  top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
+  grey = grey[top:top + height, left:left + width]
+  out = np.zeros((height, width), np.uint8)
+  out[:grey.shape[0], :grey.shape[1]] = grey
+  return out, np.asarray(grey.shape, np.int32)
