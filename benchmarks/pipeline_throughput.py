@@ -62,6 +62,53 @@ def run(source: Sequence[dict[str, Any]], tokenizer, settings: list[tuple[int, i
   return rows
 
 
+def host_work_per_core(source: Sequence[dict[str, Any]], image_size: int, stored_size: int,
+                       repeats: int = 3) -> dict[str, float]:
+  """Images/s on one core of the host's work per image in each mode, without grain or tokenisation:
+  decoding alone; decoding and padding to one shape (data.augment_on="device": the rest runs in the
+  step); decoding and the paper's augmentations (data.augment_on="host")."""
+  # pylint: disable=g-import-not-at-top
+  from convirt_jax.data import augment, device_augment
+  config = base_config()
+  spec = augment.TrainAugment.from_config(config.augment, image_size)
+  pad = stored_size * 5 // 4
+  rng = np.random.default_rng(0)
+  work = {
+      "decode": lambda i: source[i]["image"],
+      "decode + pad (device mode)": lambda i: device_augment.pad_to(source[i]["image"], pad, pad),
+      "decode + augment (host mode)": lambda i: spec(source[i]["image"], rng),
+  }
+  rates = {}
+  for name, fn in work.items():
+    best = 0.0
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for i in range(len(source)):
+        fn(i)
+      best = max(best, len(source) / (time.perf_counter() - start))
+    rates[name] = best
+  return rates
+
+
+def device_augment_rate(source: Sequence[dict[str, Any]], image_size: int, stored_size: int,
+                        batch_size: int, batches: int = 5) -> float:
+  """Images/s of `device_augment.augment_batch` jitted on the default JAX device, one batch shape."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from convirt_jax.data import augment, device_augment
+  spec = augment.TrainAugment.from_config(base_config().augment, image_size)
+  pad = stored_size * 5 // 4
+  images, extents = zip(*(device_augment.pad_to(source[i % len(source)]["image"], pad, pad)
+                          for i in range(batch_size)))
+  images, extents = jax.device_put(np.stack(images)), jax.device_put(np.stack(extents))
+  run_batch = jax.jit(device_augment.augment_batch, static_argnames="spec")
+  jax.block_until_ready(run_batch(images, extents, jax.random.key(0), spec))
+  start = time.perf_counter()
+  for b in range(batches):
+    jax.block_until_ready(run_batch(images, extents, jax.random.key(b + 1), spec))
+  return batches * batch_size / (time.perf_counter() - start)
+
+
 def train_step_consumer(batch_size: int, image_size: int, max_length: int, vocab_size: int):
   """A `consume` that runs one train step of the default model (configs/mimic.py: ResNet50, BERT-base
   sized text encoder, randomly initialised) on the batch and blocks on it."""
@@ -124,6 +171,11 @@ def main() -> None:
             f"(built in {time.perf_counter() - start:.1f} s)")
   print(f"train pipeline: {what} -> {args.image_size} px, batch {args.batch_size}, "
         f"{args.num_batches} timed batches after {args.warmup_batches}")
+  print("\n| host work per image, one core | images/s |\n|---|---|")
+  for name, rate in host_work_per_core(source, args.image_size, args.stored_size).items():
+    print(f"| {name} | {rate:.0f} |", flush=True)
+  print(f"| device augmentation, jitted on this CPU (batch {args.batch_size}) | "
+        f"{device_augment_rate(source, args.image_size, args.stored_size, args.batch_size):.0f} |")
   rows = run(source, tokenizer, _settings(args.settings), image_size=args.image_size,
              batch_size=args.batch_size, num_batches=args.num_batches, warmup_batches=args.warmup_batches)
   print("\n| num_threads | worker_count | pipeline images/s |\n|---|---|---|")
