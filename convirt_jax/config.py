@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ""                # where built TFDS datasets live; "" = <workdir>/tfds
   c.data.image_size = 224             # model input size
   c.data.stored_size = 256            # shorter side images are stored at
+  # Where the training augmentations run: "auto" (the device on GPU/TPU, the host on CPU) | "host" (grain
+  # workers, Pillow) | "device" (inside the jitted step, data/device_augment.py; the host sends the
+  # stored images padded to one shape). Same transform and parameter ranges either way.
+  c.data.augment_on = "auto"
   c.data.frontal_only = True          # MIMIC: PA/AP views only; CheXpert: "Frontal" rows only
   c.data.uncertainty = "zeros"        # CheXpert -1 labels: "zeros" (U-Zeros) | "ones" (U-Ones) | "ignore"
   c.data.split_seed = 0               # downstream sets: seed of the by-patient validation/test hold-out
@@ -174,6 +178,7 @@ _CHOICES = {
     "data.uncertainty": ("zeros", "ones", "ignore"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.unit": ("image", "study"),
+    "data.augment_on": ("auto", "host", "device"),
     "model.image.depth": (18, 34, 50, 101),
     "model.text.pooling": ("max", "mean", "cls"),
     "model.image.batch_norm": ("batch", "frozen"),

@@ -90,6 +90,7 @@ _CHOICES = {
     "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.uncertainty": ("zeros", "ones", "ignore"),
+    "data.augment_on": ("auto", "host", "device"),
     "model.image.depth": (18, 34, 50, 101),
     "model.image.batch_norm": ("batch", "frozen"),
     "finetune.precision": ("auto", "float32", "bfloat16"),

@@ -38,7 +38,7 @@ def _close(device: jax.Array, host: np.ndarray) -> None:
                                  (10, 0, 70, 60)])
 def test_the_resized_crop_is_pillows(box):
   image = _image(80, 60)
-  padded, _ = dev.pad_to(image, 96, 72)  # the padding must not leak into the crop
+  padded, _ = augment.pad_to(image, 96, 72)  # the padding must not leak into the crop
   host = np.asarray(augment.resized_crop(Image.fromarray(image), box, SIZE))
   _close(dev.resized_crop(jnp.asarray(padded, jnp.float32), jnp.asarray(box), SIZE), host)
 
@@ -78,7 +78,7 @@ def test_the_whole_transform_for_the_hosts_draws_is_within_a_rounding():
     image = _image(int(rng.integers(50, 80)), int(rng.integers(50, 80)), i)
     params = spec.sample(rng, *image.shape)
     host = spec.apply(image[..., None], params)[..., 0].astype(int)
-    padded, _ = dev.pad_to(image, 80, 80)
+    padded, _ = augment.pad_to(image, 80, 80)
     device = np.asarray(apply(jnp.asarray(padded), dev.from_host(params))).astype(int)
     diff = np.abs(device - host)
     # Each step is within 1 of the host's (the tests above), mostly equal; a contrast or brightness
@@ -128,7 +128,7 @@ def test_the_parameters_have_the_hosts_distribution(height, width):
 
 def test_a_batch_draws_by_global_row_whatever_the_split():
   spec = _spec()
-  images, extents = zip(*(dev.pad_to(_image(60, 50 + i, i), 64, 64) for i in range(4)))
+  images, extents = zip(*(augment.pad_to(_image(60, 50 + i, i), 64, 64) for i in range(4)))
   images, extents = jnp.asarray(np.stack(images)), jnp.asarray(np.stack(extents))
   key = jax.random.key(3)
   batch = jax.jit(dev.augment_batch, static_argnames="spec")
@@ -142,7 +142,99 @@ def test_a_batch_draws_by_global_row_whatever_the_split():
 
 def test_padding_and_cutting_keep_the_valid_extent():
   image = _image(70, 40)
-  padded, extent = dev.pad_to(image[..., None], 64, 64)
+  padded, extent = augment.pad_to(image[..., None], 64, 64)
   assert padded.shape == (64, 64) and list(extent) == [64, 40]
   np.testing.assert_array_equal(padded[:, :40], image[3:67])
   assert not padded[:, 40:].any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# In the train steps.
+
+
+def _device_batch(config, seed=0):
+  """tiny's global batch with the images as the device-mode loader sends them: padded, with extents."""
+  import multiprocess_worker as tiny  # pylint: disable=g-import-not-at-top
+  batch = tiny.global_batch(seed)
+  rng = np.random.default_rng(seed)
+  side = augment.padded_size(config.data.stored_size)
+  padded, extents = zip(*(augment.pad_to(_image(int(rng.integers(32, side + 4)), int(rng.integers(30, 44)), i),
+                                         side, side) for i in range(len(batch["image"]))))
+  return dict(batch, image=np.stack(padded), extent=np.stack(extents))
+
+
+def _augmented_in_step(batch, rng, spec, mesh):
+  """The images `in_step` makes at step 0 under shard_map on `mesh`, as the train steps call it."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(jax.shard_map(lambda b, r, s: dev.in_step(b, r, s, spec, "data")["image"], mesh=mesh,
+                             in_specs=(P("data"), P(), P()), out_specs=P("data")))
+  inputs = parallel.shard_batch({"image": batch["image"], "extent": batch["extent"]}, mesh)
+  return np.asarray(fn(inputs, rng, jnp.int32(0)))
+
+
+def _cosine(a: dict, b: dict, prefix: str) -> float:
+  keys = [k for k in a if k.startswith(prefix)]
+  x = np.concatenate([a[k].ravel() for k in keys]).astype(np.float64)
+  y = np.concatenate([b[k].ravel() for k in keys]).astype(np.float64)
+  return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+
+def test_the_pretraining_step_augments_on_the_device_as_the_host_fed_step_would():
+  import multiprocess_worker as tiny  # pylint: disable=g-import-not-at-top
+  from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config(**{"data.augment_on": "device", "data.stored_size": 32})
+  batch = _device_batch(config)
+  mesh8, mesh1 = parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
+  on_device = tiny.step_results(*tiny.run_steps(config, mesh8, batch))
+  spec = augment.TrainAugment.from_config(config.augment, config.data.image_size)
+  rng = jnp.asarray(tiny.initial_variables(config)["rng"])
+  images = _augmented_in_step(batch, rng, spec, mesh8)
+  # Drawn by global row: the same images on one device as on eight, in another program (`_TIE`), and as
+  # `augment_batch` draws them.
+  key = jax.random.fold_in(jax.random.fold_in(rng, 0), dev._AUGMENT_STREAM)
+  np.testing.assert_array_equal(_augmented_in_step(batch, rng, spec, mesh1), images)
+  np.testing.assert_array_equal(
+      dev.augment_batch(jnp.asarray(batch["image"]), jnp.asarray(batch["extent"]), key, spec), images)
+  # The host-mode step on these images: the same step, up to float32 summation order.
+  host_config = tiny.tiny_config(**{"data.augment_on": "host", "data.stored_size": 32})
+  host_batch = {k: v for k, v in batch.items() if k != "extent"} | {"image": images}
+  host_fed = tiny.step_results(*tiny.run_steps(host_config, mesh1, host_batch))
+  for name in ("loss", "loss_image_to_text", "loss_text_to_image"):
+    np.testing.assert_allclose(on_device[f"metrics/{name}"], host_fed[f"metrics/{name}"], rtol=1e-5)
+  assert _cosine(on_device, host_fed, "adam_mu/") > 1 - 1e-9
+  for key_ in (k for k in host_fed if k.startswith("batch_stats/")):
+    np.testing.assert_allclose(on_device[key_], host_fed[key_], atol=1e-5)
+  with pytest.raises(ValueError, match="no \"extent\""):
+    tiny.run_steps(config, mesh1, host_batch)
+
+
+def test_the_fine_tuning_step_augments_on_the_device_as_the_host_fed_step_would():
+  import optax  # pylint: disable=g-import-not-at-top
+  import multiprocess_worker as tiny  # pylint: disable=g-import-not-at-top
+  from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
+  from convirt_jax.models.classifier import ImageClassifier  # pylint: disable=g-import-not-at-top
+  from convirt_jax.models.resnet import ResNet  # pylint: disable=g-import-not-at-top
+  from convirt_jax.training import classifier_steps  # pylint: disable=g-import-not-at-top
+  from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config(**{"data.stored_size": 32})
+  size = config.data.image_size
+  spec = augment.TrainAugment.from_config(config.augment, size)
+  classifier = ImageClassifier(encoder=ResNet(depth=18, width=0.125, small_stem=True,
+                                              axis_name=parallel.DATA_AXIS), num_outputs=3)
+  variables = classifier.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.uint8))
+  optimizer = optax.adam(1e-3)
+  batch = _device_batch(config)
+  labels = np.random.default_rng(0).integers(0, 2, (len(batch["image"]), 3)).astype(np.float32)
+  mesh8, mesh1 = parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
+  state = lambda mesh: parallel.replicate(state_lib.new_state(variables, optimizer, jax.random.PRNGKey(5)),
+                                          mesh)
+  on_device = classifier_steps.make_train_step(classifier, optimizer, "multilabel", mesh8, spec)
+  _, device_metrics = on_device(state(mesh8), parallel.shard_batch(
+      {"image": batch["image"], "extent": batch["extent"], "labels": labels}, mesh8))
+  images = _augmented_in_step(batch, jax.random.PRNGKey(5), spec, mesh8)
+  host_fed = classifier_steps.make_train_step(classifier, optimizer, "multilabel", mesh1)
+  _, host_metrics = host_fed(state(mesh1), parallel.shard_batch({"image": np.asarray(images), "labels": labels},
+                                                                mesh1))
+  np.testing.assert_allclose(float(device_metrics["loss"]), float(host_metrics["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(device_metrics["grad_norm"]), float(host_metrics["grad_norm"]), rtol=1e-5)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from convirt_jax import pretrain
+from convirt_jax.data import augment
 from convirt_jax.training import checkpoints
 from convirt_jax.training import steps as steps_lib
 from convirt_jax.errors import ConfigError, DataError, TrainingDiverged
@@ -112,6 +113,39 @@ def test_sigterm_saves_and_resume_gives_exactly_the_uninterrupted_parameters(
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_steps = [r["step"] for r in rows if "train/loss" in r]
   assert train_steps == sorted(set(train_steps)), "a resumed run logs each step once"
+
+
+def test_device_augmentation_trains_and_resumes_exactly(tmp_path, tfds_dir, monkeypatch):
+  # data.augment_on="device" (the GPU/TPU default): the step draws the augmentations from its state's key
+  # and step, so a run stopped by SIGTERM and resumed draws what the unbroken run drew.
+  config = lambda: tiny(tfds_dir, data__augment_on="device")
+  shapes = []
+  real = steps_lib.make_train_step
+
+  def recording(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def train_step(state, batch):
+      shapes.append(tuple(batch["image"].shape))
+      state, metrics = step_fn(state, batch)
+      if int(jax.device_get(state["step"])) == 3 and stop_at_3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return state, metrics
+    return train_step
+
+  monkeypatch.setattr(steps_lib, "make_train_step", recording)
+  stop_at_3 = False
+  pretrain.run(config(), str(tmp_path / "unbroken"))
+  side = augment.padded_size(config().data.stored_size)
+  assert shapes and set(shapes) == {(16, side, side)}, "the host sent the padded stored images"
+  stop_at_3 = True
+  pretrain.run(config(), str(tmp_path / "resumed"))
+  stop_at_3 = False
+  pretrain.run(config(), str(tmp_path / "resumed"))
+  step_a, a = final_params(str(tmp_path / "unbroken"))
+  step_b, b = final_params(str(tmp_path / "resumed"))
+  assert step_a == step_b == 6
+  assert_same_parameters(a, b)
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):

@@ -72,6 +72,26 @@ def test_train_batches_have_the_contract_shapes(tokenizer):
     assert ids in _sentence_ids(tokenizer, i)  # One whole sentence of its own record.
 
 
+def test_device_mode_batches_carry_the_stored_images_padded_and_the_hosts_sentences(tokenizer):
+  source = [_record(i) for i in range(8)]
+  make = lambda mode: _take(iter(pipeline.train_loader(
+      source, tokenizer, _config(augment_on=mode, stored_size=40), local_batch_size=4, seed=0)), 4)
+  host, device = make("host"), make("device")
+  side = augment.padded_size(40)
+  for h, d in zip(host, device):
+    assert set(d) == {"image", "extent", "input_ids", "attention_mask", "labels"}
+    assert d["image"].shape == (4, side, side) and d["image"].dtype == np.uint8
+    assert d["extent"].dtype == np.int32
+    # The same records and sentences in the same order: only where the augmentations run differs.
+    np.testing.assert_array_equal(h["labels"], d["labels"])
+    np.testing.assert_array_equal(h["input_ids"], d["input_ids"])
+    for row, label in enumerate(d["labels"][:, 0]):
+      stored = source[int(label)]["image"][..., 0]
+      np.testing.assert_array_equal(d["extent"][row], stored.shape)
+      np.testing.assert_array_equal(d["image"][row][:40, :48], stored)
+      assert not d["image"][row][40:].any() and not d["image"][row][:, 48:].any()
+
+
 def test_same_seed_same_batches_other_seed_other_batches(tokenizer):
   source = [_record(i) for i in range(8)]
   make = lambda seed: iter(pipeline.train_loader(source, tokenizer, _config(), local_batch_size=4, seed=seed))

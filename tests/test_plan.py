@@ -108,6 +108,7 @@ def test_pretraining_step_compiles_for_the_target(target_name):
   target = targets.get(target_name)
   assert row["chips"] == target.chips and row["hosts"] == target.hosts
   assert row["precision"] == "bfloat16"  # "auto" resolved for the target, not for this CPU
+  assert row["augment_on"] == "device"  # ... and the augmentations compiled into the step
   memory = row["memory_bytes"]
   assert 0 < memory["total"] < target.chip.memory_bytes and row["fits"]
   assert memory["state"] > 0 and memory["batch"] > 0 and memory["temp"] > 0

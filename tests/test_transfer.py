@@ -272,6 +272,9 @@ def test_interrupted_finetuning_resumes_exactly(job, dataset, root, monkeypatch)
   config = ml_collections.ConfigDict(config.to_dict())
   config.finetune.patience = 1  # early-stopping bookkeeping is part of what must resume
   config.finetune.eval_every_steps = 3
+  # The accelerators' default: the step draws the augmentations from its state (host mode resumes in
+  # test_transfer_multiprocess.py).
+  config.data.augment_on = "device"
   model = transfer_job.classifier_model(config, arch(), LABELS)
   mesh = parallel.make_mesh()
   encoder = transfer_encoders.random_resnet_variables(arch(), 5)

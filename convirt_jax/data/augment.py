@@ -234,6 +234,42 @@ class TrainAugment:
     return self.apply(image, self.sample(rng, height, width))
 
 
+AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on
+
+
+def resolve_augment_on(augment_on: str, platform: str | None = None) -> str:
+  """config.data.augment_on -> "host" | "device": "auto" is "device" on GPU and TPU, "host" on the CPU
+  (whose XLA programs would only compete with the model for the same cores)."""
+  if augment_on not in AUGMENT_ON:
+    raise ConfigError(f"config.data.augment_on={augment_on!r}: must be one of {AUGMENT_ON}")
+  if augment_on != "auto":
+    return augment_on
+  if platform is None:
+    import jax  # pylint: disable=g-import-not-at-top  (grain's workers never get here)
+    platform = jax.default_backend()
+  return "host" if platform == "cpu" else "device"
+
+
+def padded_size(stored_size: int) -> int:
+  """The side of the square each stored image is padded to for the device augmentations: the longer
+  side of a 4:3 image at the stored shorter side, rounded up to a multiple of 8 (344 for 256 px). A
+  longer side beyond it is cut, centred (chest X-rays are mostly within 5:4)."""
+  return -(-math.ceil(stored_size * 4 / 3) // 8) * 8
+
+
+def pad_to(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 [h, w] or [h, w, 1] -> (uint8 [height, width], int32 [2] its valid (h, w)): zero-padded at the
+  bottom and right, or cut, centred, where the image is larger. The device augmentations crop inside
+  the valid extent only, so the padding never reaches the model."""
+  grey = as_grey(image)
+  h, w = grey.shape
+  top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
+  grey = grey[top:top + height, left:left + width]
+  out = np.zeros((height, width), np.uint8)
+  out[:grey.shape[0], :grey.shape[1]] = grey
+  return out, np.asarray(grey.shape, np.int32)
+
+
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, 1] -> uint8 [S, S, 3]: shorter side resized to `size` (bilinear), centre crop."""
   grey = as_grey(image)

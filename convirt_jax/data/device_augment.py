@@ -1,8 +1,9 @@
 """ConVIRT's training augmentations in JAX, per example, inside the jitted step (`data.augment_on="device"`).
 
 The same transform as `augment.TrainAugment` (see its module docstring for the steps and ranges), computed
-from a fixed-shape uint8 image (the stored image padded or cut to [H, W], with its valid extent), so that
-batches keep static shapes and the host only decodes. The parameters are drawn from one key per example
+from a fixed-shape uint8 image (the stored image padded or cut to [P, P] by the loader, `augment.pad_to`,
+with its valid extent), so that batches keep static shapes and the host only decodes. Both train steps
+(pretraining and fine-tuning) call `in_step` first inside their shard_map; `spec_for` says whether. The parameters are drawn from one key per example
 with the same distributions as the host's draws (`sample`; a test compares them on many draws); for the
 same parameters each step equals the host's (Pillow's arithmetic) within 1 grey level (tests per step):
   - the resized crop is Pillow's antialiased bilinear resampling written as two weight matrices (rows and
@@ -20,10 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convirt_jax.data.augment import ASPECT_RATIO_RANGE, AugmentParams, TrainAugment, gaussian_kernel_size
+from convirt_jax.data.augment import (ASPECT_RATIO_RANGE, AugmentParams, TrainAugment, gaussian_kernel_size,
+                                      resolve_augment_on)
 
 Params = dict[str, jax.Array]  # one example's draw: see `sample`
 _CROP_TRIES = 10
+# fold_in data of the augmentations' stream in a step: the dropout streams fold in device indices.
+_AUGMENT_STREAM = 2**31 - 1
+# Bilinear weights on whole grey levels often land exactly on a rounding boundary (x.5, or a whole
+# level for the affine step's truncation), where float32 noise that depends on XLA's fusion and
+# summation order would pick either side: the same draw would give other pixels on another device
+# count or in another program. A margin far above that noise (~1e-4 at 255) and far below a grey level
+# puts every such value on Pillow's side.
+_TIE = 1e-3
 
 
 def _round(x: jax.Array) -> jax.Array:
@@ -108,9 +118,9 @@ def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
   rows = _resize_weights(box[0], box[2], image.shape[0], size)
   cols = _resize_weights(box[1], box[3], image.shape[1], size)
   hi = jax.lax.Precision.HIGHEST  # float32 matmuls on TPU/GPU: bf16 passes would cost grey levels
-  # Pillow's order and roundings: the horizontal pass to a uint8 image, then the vertical one.
-  across = jnp.floor(jnp.matmul(image, cols.T, precision=hi) + 0.5)
-  return jnp.floor(jnp.matmul(rows, across, precision=hi) + 0.5)
+  # Pillow's order and roundings (half up): the horizontal pass to a uint8 image, then the vertical one.
+  across = jnp.floor(jnp.matmul(image, cols.T, precision=hi) + 0.5 + _TIE)
+  return jnp.floor(jnp.matmul(rows, across, precision=hi) + 0.5 + _TIE)
 
 
 def affine(image: jax.Array, angle: jax.Array, shift: jax.Array, zoom: jax.Array) -> jax.Array:
@@ -177,7 +187,7 @@ def apply(image: jax.Array, params: Params, spec: TrainAugment) -> jax.Array:
   # affine step's samples).
   x = resized_crop(image.astype(jnp.float32), params["crop_box"], spec.size)
   x = jnp.where(params["flip"], x[:, ::-1], x)
-  x = jnp.floor(affine(x, params["angle"], params["shift"], params["zoom"]))
+  x = jnp.floor(affine(x, params["angle"], params["shift"], params["zoom"]) + _TIE)
   bc = adjust_contrast(adjust_brightness(x, params["brightness"]), params["contrast"])
   cb = adjust_brightness(adjust_contrast(x, params["contrast"]), params["brightness"])
   x = jnp.where(params["contrast_first"], cb, bc)
@@ -203,13 +213,26 @@ def augment_batch(images: jax.Array, extents: jax.Array, key: jax.Array, spec: T
   return jnp.repeat(grey[..., None], 3, axis=-1)
 
 
-def pad_to(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Host side: uint8 [h, w(, 1)] -> (uint8 [height, width], int32 [2] valid extent): zero-padded at the
-  bottom and right, or cut (centred) where the image is larger."""
-  grey = image[..., 0] if image.ndim == 3 else image
-  h, w = grey.shape
-  top, left = max(0, (h - height) // 2), max(0, (w - width) // 2)
-  grey = grey[top:top + height, left:left + width]
-  out = np.zeros((height, width), np.uint8)
-  out[:grey.shape[0], :grey.shape[1]] = grey
-  return out, np.asarray(grey.shape, np.int32)
+def spec_for(augment_on: str, augment_config, size: int) -> TrainAugment | None:
+  """The transform a train step applies (config.data.augment_on resolved "device"), else None."""
+  if resolve_augment_on(augment_on) == "host":
+    return None
+  return TrainAugment.from_config(augment_config, size)
+
+
+def in_step(batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array, spec: TrainAugment | None,
+            axis: str) -> dict[str, jax.Array]:
+  """Inside a train step's shard_map: with `spec`, this device's rows of a device-mode batch ("image"
+  uint8 [b, H, W], "extent" [b, 2]) augmented to [b, S, S, 3], drawn from (the state's key, the step,
+  the row's place in the global batch), so a resumed run and any device count draw the same."""
+  if spec is None:
+    if "extent" in batch:
+      raise ValueError("the batch was made for device augmentation but the step augments on the host")
+    return batch
+  if "extent" not in batch:
+    raise ValueError("the step augments on the device but the batch has no \"extent\" (host-augmented)")
+  batch = dict(batch)
+  key = jax.random.fold_in(jax.random.fold_in(rng, step), _AUGMENT_STREAM)
+  first_row = jax.lax.axis_index(axis) * batch["image"].shape[0]
+  batch["image"] = augment_batch(batch["image"], batch.pop("extent"), key, spec, first_row)
+  return batch

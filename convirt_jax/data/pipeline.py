@@ -4,6 +4,8 @@ Records are the dataset contract's dicts: "id", "report", "text" (bytes or str; 
 sentences one per line), "image" uint8 [H, W, 1], "labels" float32 [L]. Host batches are
   {"image": uint8 [b, S, S, 3], "input_ids": int32 [b, T], "attention_mask": int32 [b, T],
    "labels": float32 [b, L]}
+or, for training with config.data.augment_on resolved to "device", "image" uint8 [b, P, P] (the stored
+images padded, `augment.padded_size`) and "extent" int32 [b, 2]: the train step augments them.
 and evaluation batches add "mask" bool [b] (False on padding rows) and "index" int32 [b] (the record's
 index in the source, -1 on padding rows). With `tokenizer=None` the batches are image-only, {"image",
 "labels"} (+ "mask", "index"): the records' text is not read at all (downstream classification sets have none).
@@ -25,7 +27,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from convirt_jax.data.augment import TrainAugment, eval_transform
+from convirt_jax.data.augment import TrainAugment, eval_transform, pad_to, padded_size, resolve_augment_on
 from convirt_jax.data.datasets import as_text
 from convirt_jax.errors import DataError
 
@@ -69,13 +71,17 @@ def _labels(record: Record, num_labels: int | None = None) -> np.ndarray:
 
 
 class _TrainExample(grain.transforms.RandomMap):
-  """Record -> {"image" uint8 [S, S, 3], "text" str (one random sentence), "labels" float32 [L]}."""
+  """Record -> {"image" uint8 [S, S, 3], "text" str (one random sentence), "labels" float32 [L]}; with
+  `pad` (device augmentation) "image" is the stored image padded or cut to uint8 [pad, pad] and
+  "extent" int32 [2] its valid (height, width)."""
 
-  def __init__(self, augment: TrainAugment, whole_report: bool, num_labels: int, with_text: bool = True):
+  def __init__(self, augment: TrainAugment, whole_report: bool, num_labels: int, with_text: bool = True,
+               pad: int = 0):
     self._augment = augment
     self._whole_report = whole_report
     self._num_labels = num_labels
     self._with_text = with_text
+    self._pad = pad
 
   def random_map(self, record: Record, rng: np.random.Generator) -> dict[str, Any]:
     example = {}
@@ -84,7 +90,11 @@ class _TrainExample(grain.transforms.RandomMap):
       example["text"] = (" ".join(sentences) if self._whole_report
                          else sentences[rng.integers(len(sentences))])
     try:
-      image = self._augment(_field(record, "image"), rng)
+      if self._pad:
+        image, extent = pad_to(_field(record, "image"), self._pad, self._pad)
+        example["extent"] = extent
+      else:
+        image = self._augment(_field(record, "image"), rng)
     except ValueError as e:
       raise DataError(f"record {record_id(record)!r}: {e}") from e
     return {"image": image, **example, "labels": _labels(record, self._num_labels)}
@@ -163,7 +173,8 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
     source: random-access records (`tfds.data_source`, or any sequence of record dicts).
     tokenizer: called on a list of strings, returns int32 "input_ids"/"attention_mask" [N, T]; picklable
       when config.data.worker_count > 0. None: image-only batches {"image", "labels"} (fine-tuning).
-    config: reads data.image_size, data.whole_report, data.num_threads, data.worker_count and augment.
+    config: reads data.image_size, data.stored_size, data.augment_on, data.whole_report,
+      data.num_threads, data.worker_count and augment.
     local_batch_size: rows per batch on this process.
     seed: non-negative int.
     shard_index, shard_count: this process and the number of processes.
@@ -178,8 +189,10 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
     # A batch would hold one record (or study) twice: a false negative for the contrastive loss.
     raise DataError(f"{units} {unit_name} are fewer than one global batch of {global_batch}")
   augment = TrainAugment.from_config(config.augment, config.data.image_size)
+  on_device = resolve_augment_on(config.data.augment_on) == "device"
   example = _TrainExample(augment, bool(config.data.whole_report), _labels(source[0]).shape[0],
-                          with_text=tokenizer is not None)
+                          with_text=tokenizer is not None,
+                          pad=padded_size(config.data.stored_size) if on_device else 0)
   if study_sizes is None:
     ds = grain.MapDataset.source(source)
   else:

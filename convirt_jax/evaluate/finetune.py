@@ -33,7 +33,9 @@ import numpy as np
 
 from convirt_jax import parallel
 from convirt_jax import storage
+from convirt_jax.data import device_augment
 from convirt_jax.data import pipeline
+from convirt_jax.data.augment import TrainAugment
 from convirt_jax.errors import ConfigError, TrainingDiverged
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe
@@ -200,7 +202,7 @@ def classifier_variables(model: ImageClassifier, encoder: Mapping[str, Any],
 
 @functools.lru_cache(maxsize=8)
 def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, lr: float,
-                   weight_decay: float):
+                   weight_decay: float, augment: TrainAugment | None = None):
   """(optimizer, train_step, predict_fn) of a model and its Adam settings, built once per process: every
   run (and every equal Finetuner) reuses the compiled steps."""
   opt_config = ml_collections.ConfigDict({"optimizer": {
@@ -210,7 +212,7 @@ def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, l
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))["params"]
   optimizer = optimizer_lib.make_optimizer(opt_config, shapes, 1)
-  return (optimizer, classifier_steps.make_train_step(model, optimizer, task, mesh),
+  return (optimizer, classifier_steps.make_train_step(model, optimizer, task, mesh, augment),
           classifier_steps.make_predict_fn(model, mesh))
 
 
@@ -243,7 +245,8 @@ class Finetuner:
     ft = config.finetune
     self.local_batch = parallel.local_batch_size(int(ft.batch_size), mesh)
     self.optimizer, self.train_step, self.predict_fn = compiled_steps(
-        model, task, mesh, float(ft.lr), float(ft.weight_decay))
+        model, task, mesh, float(ft.lr), float(ft.weight_decay),
+        device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size))
 
   def settings(self, run: Run) -> dict[str, Any]:
     ft = self.config.finetune
@@ -298,7 +301,7 @@ class Finetuner:
     while step < run.steps and not tracker["stopped"]:
       batch = next(train_iter)
       state, metrics = self.train_step(state, parallel.shard_batch(
-          {"image": batch["image"], "labels": batch["labels"]}, mesh))
+          {k: batch[k] for k in ("image", "extent", "labels") if k in batch}, mesh))
       step += 1
       window.append(metrics)
       if self.bar is not None:

@@ -84,7 +84,8 @@ class Planner:
     row = {
         "target": target.name, "chip": chip.kind, "chips": target.chips, "hosts": target.hosts,
         "job": self.job, "precision": config.train.precision if self.job == "pretrain"
-        else config.finetune.precision, "setting": _setting(config, self.job),
+        else config.finetune.precision, "augment_on": config.data.augment_on,
+        "setting": _setting(config, self.job),
         "global_batch": program.global_batch, "rows_per_chip": program.rows_per_chip,
         "memory_bytes": result.memory, "chip_memory_bytes": chip.memory_bytes,
         "fits": result.fits(chip.memory_bytes),
@@ -172,15 +173,19 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
   rate = None
   if measure_input:
     from convirt_jax.planning import input_rate  # pylint: disable=g-import-not-at-top
-    rate = input_rate.measure(config, with_text=job == "pretrain", seconds=input_seconds)
+    # The pipeline the targets' job runs (all are GPUs or TPUs: one data.augment_on for them all).
+    measured = programs.with_precision_for(config, job, chosen[0].platform)
+    rate = input_rate.measure(measured, with_text=job == "pretrain", seconds=input_seconds)
     log(f"input pipeline: {rate.images_per_s_per_core:.0f} images/s per CPU core on this machine "
-        f"({rate.stored_size} px stored -> {rate.image_size} px)")
+        f"({rate.stored_size} px stored -> {rate.image_size} px, augmentations on the "
+        f"{measured.data.augment_on})")
   report: dict[str, Any] = {"job": job, "rows": [], "max_batch": [],
                             "note": "compiled for the target, not run on it; the roofline figure is a "
                                     "lower bound on the step time, not a measurement"}
   if rate is not None:
     report["input"] = {"images_per_s_per_core": rate.images_per_s_per_core, "seconds": rate.seconds,
-                       "image_size": rate.image_size, "stored_size": rate.stored_size}
+                       "image_size": rate.image_size, "stored_size": rate.stored_size,
+                       "augment_on": measured.data.augment_on}
   for target in chosen:
     planner = Planner(config, job, target, rate, log)
     if rows_per_chip:

@@ -7,8 +7,9 @@
 Both are jitted with the jobs' shardings (state replicated and donated, batch sharded over "data") on
 the mesh they are given. Nothing is initialised: `jax.eval_shape` gives the state's shapes.
 
-train.precision / finetune.precision "auto" resolve for the target's platform here, not for the CPU
-this runs on (`with_precision_for`).
+train.precision / finetune.precision and data.augment_on "auto" resolve for the target's platform here,
+not for the CPU this runs on (`with_precision_for`): on GPU and TPU the step compiled includes the
+device augmentations, and its batch is the padded stored images.
 """
 from __future__ import annotations
 
@@ -49,12 +50,26 @@ def tree_bytes(tree: Any) -> int:
 
 def with_precision_for(config: ml_collections.ConfigDict, job: str,
                        platform: str) -> ml_collections.ConfigDict:
-  """A copy of `config` whose precision key names the dtype "auto" means on `platform`."""
+  """A copy of `config` whose precision key names the dtype "auto" means on `platform`, and whose
+  data.augment_on names where the augmentations run there."""
+  from convirt_jax.data.augment import resolve_augment_on  # pylint: disable=g-import-not-at-top
   from convirt_jax.models.convirt import resolve_precision  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   section = config.train if job == "pretrain" else config.finetune
   section.precision = resolve_precision(section.precision, platform)
+  config.data.augment_on = resolve_augment_on(config.data.augment_on, platform)
   return config
+
+
+def image_shapes(config: ml_collections.ConfigDict, batch: int, size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch's image entries as the job's loader makes them: augmented [B, S, S, 3], or with
+  data.augment_on="device" the padded stored images and their extents."""
+  from convirt_jax.data.augment import padded_size  # pylint: disable=g-import-not-at-top
+  if config.data.augment_on == "device":
+    side = padded_size(int(config.data.stored_size))
+    return {"image": jax.ShapeDtypeStruct((batch, side, side), jnp.uint8),
+            "extent": jax.ShapeDtypeStruct((batch, 2), jnp.int32)}
+  return {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)}
 
 
 def with_batch(config: ml_collections.ConfigDict, job: str, rows_per_chip: int, chips: int,
@@ -142,7 +157,7 @@ def pretrain_program(config: ml_collections.ConfigDict, bert: BertConfig, mesh) 
   state = jax.eval_shape(lambda: state_lib.init_train_state(
       model, optimizer, jax.random.key(config.train.seed), size, length))
   step = steps_lib.make_train_step(model, optimizer, config, mesh)
-  batch_shapes = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+  batch_shapes = {**image_shapes(config, batch, size),
                   "input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
                   "attention_mask": jax.ShapeDtypeStruct((batch, length), jnp.int32)}
   return Program(step, state, batch_shapes, batch, batch // mesh.size,
@@ -163,6 +178,7 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   architecture the job uses when no ConVIRT workdir is among the encoders)."""
   from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
   from convirt_jax import transfer_job  # pylint: disable=g-import-not-at-top
+  from convirt_jax.data import device_augment  # pylint: disable=g-import-not-at-top
   from convirt_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
   from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from convirt_jax.transfer_encoders import Architecture  # pylint: disable=g-import-not-at-top
@@ -177,13 +193,14 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   labels = num_labels(config)
   model = transfer_job.classifier_model(config, arch, labels)
   task = "multiclass" if config.data.task == "multiclass" else "multilabel"
-  optimizer, step, _ = finetune.compiled_steps(model, task, mesh, float(config.finetune.lr),
-                                               float(config.finetune.weight_decay))
+  optimizer, step, _ = finetune.compiled_steps(
+      model, task, mesh, float(config.finetune.lr), float(config.finetune.weight_decay),
+      device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size))
   size = arch.image_size
   state = jax.eval_shape(lambda: state_lib.new_state(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.uint8)), optimizer,
       jax.random.PRNGKey(0)))
-  batch_shapes = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+  batch_shapes = {**image_shapes(config, batch, size),
                   "labels": jax.ShapeDtypeStruct((batch, labels), jnp.float32)}
   return Program(step, state, batch_shapes, batch, batch // mesh.size)
 

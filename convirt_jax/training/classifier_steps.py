@@ -25,6 +25,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from convirt_jax import parallel
+from convirt_jax.data import device_augment
+from convirt_jax.data.augment import TrainAugment
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.training import steps
 from convirt_jax.training.optimizer import get_learning_rate
@@ -61,14 +63,19 @@ def _global_mean(total: jax.Array, count: jax.Array, axis: str | None) -> jax.Ar
   return total / jnp.maximum(count, 1.0)
 
 
-def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh) -> Callable[..., Any]:
-  """shard_map((params, batch_stats, images, labels) -> (grads, batch_stats, loss)), all replicated."""
+def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh,
+                       augment: TrainAugment | None = None) -> Callable[..., Any]:
+  """shard_map((params, batch_stats, rng, step, batch) -> (grads, batch_stats, loss)), all replicated;
+  `batch` {"image", "labels"} (+ "extent": augmented first with `augment`, `device_augment.in_step`)."""
   axis = parallel.DATA_AXIS
   if model.encoder.axis_name != axis:
     raise ValueError(f"the classifier step needs the ResNet built with axis_name={axis!r} so that "
                      f"BatchNorm statistics are synchronised; it has {model.encoder.axis_name!r}")
 
-  def per_device(params, batch_stats, images, labels):
+  def per_device(params, batch_stats, rng, step, batch):
+    batch = device_augment.in_step(batch, rng, step, augment, axis)
+    images, labels = batch["image"], batch["labels"]
+
     def loss_fn(params):
       logits, updated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                     mutable=["batch_stats"])
@@ -84,7 +91,7 @@ def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh) -> Callabl
     grads, (loss, new_stats) = steps.summed_gradient(with_loss, params, nothing_frozen, axis)
     return grads, new_stats, loss
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis)),
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis)),
                        out_specs=(P(), P(), P()))
 
 
@@ -96,21 +103,26 @@ def make_gradient_fn(model: ImageClassifier, task: str, mesh: Mesh) -> Callable[
   """
   sharded = _sharded_gradients(model, task, mesh)
   replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(lambda params, stats, batch: sharded(params, stats, batch["image"], batch["labels"]),
+  no_key, no_step = jax.random.key(0), jnp.zeros((), jnp.int32)  # host-augmented: neither is read
+  return jax.jit(lambda params, stats, batch: sharded(params, stats, no_key, no_step,
+                                                      {"image": batch["image"], "labels": batch["labels"]}),
                  in_shardings=(replicated, replicated, data), out_shardings=replicated)
 
 
 def make_train_step(model: ImageClassifier, optimizer: optax.GradientTransformation, task: str,
-                    mesh: Mesh) -> Callable[[dict, dict], tuple[dict, Metrics]]:
+                    mesh: Mesh, augment: TrainAugment | None = None
+                    ) -> Callable[[dict, dict], tuple[dict, Metrics]]:
   """jit(train_step(state, batch) -> (state, metrics)); the state (replicated) is donated.
 
-  Metrics: loss (global-batch mean), grad_norm, lr.
+  `batch`: {"image", "labels"}, and "extent" when `augment` is set (device augmentation: the step
+  augments the padded images with the state's key and step). Metrics: loss (global-batch mean),
+  grad_norm, lr.
   """
-  sharded = _sharded_gradients(model, task, mesh)
+  sharded = _sharded_gradients(model, task, mesh, augment)
 
   def train_step(state, batch):
-    grads, batch_stats, loss = sharded(state["params"], state["batch_stats"], batch["image"],
-                                       batch["labels"])
+    grads, batch_stats, loss = sharded(state["params"], state["batch_stats"], state["rng"], state["step"],
+                                       batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
                      batch_stats=batch_stats, opt_state=opt_state)

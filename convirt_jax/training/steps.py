@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from convirt_jax import losses, parallel
+from convirt_jax.data import device_augment
 from convirt_jax.errors import ConfigError
 from convirt_jax.models.convirt import INPUT_KEYS, ConVIRTModel
 from convirt_jax.training.optimizer import frozen_mask, get_learning_rate
@@ -28,11 +29,12 @@ Metrics = dict[str, jax.Array]
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-  """The keys of a host or device batch that the model takes (labels stay on the host)."""
+  """The keys of a host or device batch that the step takes (labels stay on the host): the model's
+  inputs, and "extent" when the step augments the images (data.augment_on resolved to "device")."""
   missing = [k for k in INPUT_KEYS if k not in batch]
   if missing:
     raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
-  return {k: batch[k] for k in INPUT_KEYS}
+  return {k: batch[k] for k in INPUT_KEYS + ("extent",) if k in batch}
 
 
 def _loss_config(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -164,7 +166,8 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
   """jit(train_step(state, batch) -> (state, metrics)); the state is donated.
 
   `state` is replicated on `mesh` and `batch` ({"image": uint8 [B,H,W,3], "input_ids",
-  "attention_mask": int32 [B,T]}) sharded over "data" with B the global batch. Metrics: loss, both
+  "attention_mask": int32 [B,T]}; with device augmentation "image" uint8 [B,P,P] and "extent" [B,2],
+  augmented first, `device_augment.in_step`) sharded over "data" with B the global batch. Metrics: loss, both
   directional losses and top-1 accuracies (over the global batch), grad_norm (before clipping) and lr.
   train.microbatch_size > 0 computes the same gradient in micro-batches (`micro_batched_gradient`).
   """
@@ -176,8 +179,10 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
   loss_config = _loss_config(config)
   microbatch_size = int(config.train.get("microbatch_size", 0))
   check_microbatch_size(config.train.batch_size // mesh.size, microbatch_size, mesh.size)
+  augment = device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size)
 
   def per_device(params, batch_stats, rng, step, inputs):
+    inputs = device_augment.in_step(inputs, rng, step, augment, axis)  # host-augmented: as it is
     frozen = frozen_mask(params, frozen_layers)
     # One dropout stream per step and device, reproducible from the state alone.
     rng = jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(axis))
