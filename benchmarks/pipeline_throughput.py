@@ -68,14 +68,14 @@ def host_work_per_core(source: Sequence[dict[str, Any]], image_size: int, stored
   decoding alone; decoding and padding to one shape (data.augment_on="device": the rest runs in the
   step); decoding and the paper's augmentations (data.augment_on="host")."""
   # pylint: disable=g-import-not-at-top
-  from convirt_jax.data import augment, device_augment
+  from convirt_jax.data import augment
   config = base_config()
   spec = augment.TrainAugment.from_config(config.augment, image_size)
-  pad = stored_size * 5 // 4
+  pad = augment.padded_size(stored_size)
   rng = np.random.default_rng(0)
   work = {
       "decode": lambda i: source[i]["image"],
-      "decode + pad (device mode)": lambda i: device_augment.pad_to(source[i]["image"], pad, pad),
+      "decode + pad (device mode)": lambda i: augment.pad_to(source[i]["image"], pad, pad),
       "decode + augment (host mode)": lambda i: spec(source[i]["image"], rng),
   }
   rates = {}
@@ -97,8 +97,8 @@ def device_augment_rate(source: Sequence[dict[str, Any]], image_size: int, store
   import jax
   from convirt_jax.data import augment, device_augment
   spec = augment.TrainAugment.from_config(base_config().augment, image_size)
-  pad = stored_size * 5 // 4
-  images, extents = zip(*(device_augment.pad_to(source[i % len(source)]["image"], pad, pad)
+  pad = augment.padded_size(stored_size)
+  images, extents = zip(*(augment.pad_to(source[i % len(source)]["image"], pad, pad)
                           for i in range(batch_size)))
   images, extents = jax.device_put(np.stack(images)), jax.device_put(np.stack(extents))
   run_batch = jax.jit(device_augment.augment_batch, static_argnames="spec")
@@ -107,6 +107,50 @@ def device_augment_rate(source: Sequence[dict[str, Any]], image_size: int, store
   for b in range(batches):
     jax.block_until_ready(run_batch(images, extents, jax.random.key(b + 1), spec))
   return batches * batch_size / (time.perf_counter() - start)
+
+
+def step_seconds_by_mode(steps: int = 10) -> dict[str, float]:
+  """Seconds per train step of the embedded default's model (configs/synthetic.py) on this machine's
+  devices, with data.augment_on "host" (the batch augmented) and "device" (the step augments it)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from configs import synthetic
+  from convirt_jax import parallel
+  from convirt_jax.data import augment
+  from convirt_jax.models import BertConfig, build_model
+  from convirt_jax.training import optimizer as opt_lib
+  from convirt_jax.training import state as state_lib
+  from convirt_jax.training import steps as steps_lib
+  out = {}
+  for mode in ("host", "device"):
+    config = synthetic.get_config()
+    config.data.augment_on = mode
+    size, length, rows = config.data.image_size, int(config.model.text.max_length), config.train.batch_size
+    bert = BertConfig.from_dict({**config.model.text.config.to_dict(), "vocab_size": config.model.text.vocab_size})
+    mesh = parallel.make_mesh()
+    model = build_model(config, bert, axis_name=parallel.DATA_AXIS)
+    optimizer = opt_lib.make_optimizer(config, state_lib.param_shapes(model, size, length), 1000)
+    state = parallel.replicate(state_lib.init_train_state(model, optimizer, jax.random.key(0), size, length),
+                               mesh)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(1, 100, (rows, length)).astype(np.int32),
+             "attention_mask": np.ones((rows, length), np.int32)}
+    if mode == "device":
+      side = augment.padded_size(config.data.stored_size)
+      batch["image"] = rng.integers(0, 256, (rows, side, side), dtype=np.uint8)
+      batch["extent"] = np.tile(np.int32([config.data.stored_size, config.data.stored_size]), (rows, 1))
+    else:
+      batch["image"] = rng.integers(0, 256, (rows, size, size, 3), dtype=np.uint8)
+    step = steps_lib.make_train_step(model, optimizer, config, mesh)
+    sharded = parallel.shard_batch(batch, mesh)
+    state, metrics = step(state, sharded)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    jax.block_until_ready(metrics)
+    out[mode] = (time.perf_counter() - start) / steps
+  return out
 
 
 def train_step_consumer(batch_size: int, image_size: int, max_length: int, vocab_size: int):
@@ -152,6 +196,8 @@ def main() -> None:
   parser.add_argument("--train_step", action="store_true",
                       help="also time the default model's train step fed by the pipeline (1x0 setting)")
   parser.add_argument("--step_batches", type=int, default=3, help="timed train steps")
+  parser.add_argument("--step_modes", action="store_true",
+                      help="also time the embedded default's train step with data.augment_on host vs device")
   args = parser.parse_args()
 
   tokenizer_dir = args.tokenizer
@@ -181,6 +227,8 @@ def main() -> None:
   print("\n| num_threads | worker_count | pipeline images/s |\n|---|---|---|")
   for threads, workers, rate in rows:
     print(f"| {threads} | {workers} | {rate:.0f} |")
+  if args.step_modes:
+    _print_step_modes()
   if args.train_step:
     consume = train_step_consumer(args.batch_size, args.image_size, args.max_length, tokenizer.vocab_size)
     config = base_config()
@@ -191,6 +239,14 @@ def main() -> None:
     best = max(r for _, _, r in rows)
     print(f"\ntrain step (ResNet50 + BERT-base, f32) fed by the pipeline: {rate:.1f} images/s; the "
           f"pipeline alone is {best / rate:.0f}x faster (best setting above)")
+
+
+def _print_step_modes() -> None:
+  seconds = step_seconds_by_mode()
+  print("\n| embedded default's train step, this machine | ms per step |\n|---|---|")
+  for mode, value in seconds.items():
+    print(f"| data.augment_on={mode} | {1e3 * value:.1f} |")
+  print(f"device / host: {seconds['device'] / seconds['host']:.2f}x")
 
 
 if __name__ == "__main__":
