@@ -1,7 +1,7 @@
 """Fuzz (issue 12): seeded bad inputs across the builders; each is skipped and counted, or stops strictly.
 
 From SEED, the builders that read files get bad inputs: the CSV of pairs and MIMIC-CXR-JPG (images, reports,
-CSV rows, whole CSVs), and the downstream sets CheXpert, MURA and RSNA (images, labels) when importable.
+CSV rows, whole CSVs), and the downstream sets CheXpert, MURA and RSNA (images, labels).
 Every input has one expected outcome:
   a skip reason  default build: the record is skipped and counted under that reason in the metadata;
                  strict build (the input after one good record): DataError naming the file and the line
@@ -10,12 +10,14 @@ Every input has one expected outcome:
                  newlines; a BOM; a long report): stored, converted, and checked, in both modes
   a file error   a whole file that cannot be used: DataError naming the file, in both modes
 After a DataError no dataset directory, complete or partial, is left where a later load would look.
-Any other exception is a crash, collected and reported. The tally is printed by the last test.
+Any other exception is a crash, collected and reported. Each fuzz test checks that it tried its share of
+the inputs (`MIN_TRIED`); the tally is printed by the last test.
 Many records share one default build; a strict build that stops takes ~30 ms.
 """
 import collections
 import csv
 import dataclasses
+import importlib
 import io
 import os
 import random
@@ -40,7 +42,24 @@ SEED = 12
 KEPT = "kept"
 TALLY = collections.Counter()  # tried, kept, skipped:<reason>, strict_errors, file_errors, crashes
 CRASHES = []
-RAN = set()
+
+# Inputs each fuzz test tries at least, per parametrisation (measured: the counts follow from SEED).
+# Checked per test, so that the fuzz's size holds however pytest-xdist spreads the tests over workers.
+MIN_TRIED = {"test_csv_pairs_bad_records": 148, "test_csv_pairs_bad_files[False]": 13,
+             "test_csv_pairs_bad_files[True]": 13, "test_mimic_bad_records": 52, "test_mimic_bad_files": 20,
+             "test_downstream_bad_records[chexpert]": 16, "test_downstream_bad_records[mura]": 16,
+             "test_downstream_bad_records[rsna]": 11}
+
+
+@pytest.fixture(autouse=True)
+def _tried_at_least(request):
+  before = TALLY["tried"]
+  yield
+  tried = TALLY["tried"] - before
+  floor = MIN_TRIED.get(request.node.name)
+  if floor is not None:
+    assert tried >= floor, f"{request.node.name} tried {tried} bad inputs, fewer than {floor}"
+
 
 WORDS = ("lungs", "are", "clear", "heart", "size", "normal", "no", "effusion", "mild", "opacity", "seen")
 
@@ -389,7 +408,6 @@ def csv_tree(tmp_path_factory):
 
 
 def test_csv_pairs_bad_records(csv_tree):
-  RAN.add("csv")
   folder, cases = csv_tree
   tfds_dir = os.path.join(folder, "tfds")
   ordered = [c for c in cases if not c.last] + [c for c in cases if c.last]
@@ -447,7 +465,6 @@ FILE_CASES = [  # (name, CSV bytes, config overrides, expected message)
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_csv_pairs_bad_files(csv_tree, strict):
-  RAN.add(f"csv_files_{strict}")
   folder, _ = csv_tree
   tfds_dir = os.path.join(folder, "tfds_files")
   for name, content, overrides, pattern in FILE_CASES:
@@ -564,7 +581,6 @@ def _good_studies(prefix: str) -> list[Study]:
 
 
 def test_mimic_bad_records(tmp_path):
-  RAN.add("mimic")
   rng = random.Random(SEED + 1)
   cases = _mimic_cases(rng)
   tfds_dir = str(tmp_path / "tfds")
@@ -594,7 +610,6 @@ def test_mimic_bad_records(tmp_path):
 
 
 def test_mimic_bad_files(tmp_path):
-  RAN.add("mimic_files")
   rng = random.Random(SEED + 2)
   tfds_dir = str(tmp_path / "tfds")
 
@@ -656,15 +671,12 @@ def test_mimic_bad_files(tmp_path):
   assert not CRASHES, CRASHES
 
 
-# --- Downstream classification sets (CheXpert, MURA, RSNA), when importable ------------------------------
+# --- Downstream classification sets (CheXpert, MURA, RSNA) --------------------------------------------
 
 
-def _builder_or_skip(name):
-  try:
-    module = __import__(f"convirt_jax.data.builders.{name}", fromlist=["_"])
-  except ImportError as e:
-    pytest.skip(f"builder {name} not importable: {e}")
-  return module
+def _builder(name):
+  """An in-tree builder's module: one that does not import is a failure, not a skip."""
+  return importlib.import_module(f"convirt_jax.data.builders.{name}")
 
 
 def _chexpert_tree(root, rng, cases, good_valid=2, good_train=6):
@@ -783,10 +795,7 @@ def _downstream_cases(rng, image_kinds, variants, label_kinds) -> list[ImageCase
 
 @pytest.mark.parametrize("name", ["chexpert", "mura", "rsna"])
 def test_downstream_bad_records(tmp_path, name):
-  _builder_or_skip(name)
-  if name == "rsna":
-    pytest.importorskip("pydicom")
-  RAN.add(name)
+  _builder(name)
   rng = random.Random(SEED + 3)
   tree = {"chexpert": _chexpert_tree, "mura": _mura_tree, "rsna": _rsna_tree}[name]
   if name == "rsna":
@@ -810,7 +819,7 @@ def test_downstream_bad_records(tmp_path, name):
 
 def test_mura_list_with_bytes_that_are_not_utf8(tmp_path):
   """MURA's headerless lists: bytes that are not UTF-8 stop the build naming the file and line."""
-  _builder_or_skip("mura")
+  _builder("mura")
   root = _mura_tree(str(tmp_path / "mura"), random.Random(SEED), [])
   path = os.path.join(root, "MURA-v1.1", "valid_labeled_studies.csv")
   with open(path, "rb") as f:
@@ -824,8 +833,8 @@ def test_mura_list_with_bytes_that_are_not_utf8(tmp_path):
 
 
 def test_tally():
-  """Prints the counts; with every fuzz test run, at least 200 inputs and no crash."""
+  """Prints this worker's counts; the fuzz tries at least 200 inputs in all (each test checks its share,
+  `MIN_TRIED`) and no crash."""
   print("\nbad-input fuzz (seed %d): %s" % (SEED, ", ".join(f"{k}={v}" for k, v in sorted(TALLY.items()))))
   assert not CRASHES, CRASHES
-  if {"csv", "csv_files_False", "csv_files_True", "mimic", "mimic_files"} <= RAN:
-    assert TALLY["tried"] >= 200, TALLY
+  assert sum(MIN_TRIED.values()) >= 200, MIN_TRIED
