@@ -14,6 +14,7 @@ import logging as std_logging
 import os
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -67,7 +68,8 @@ class ConVIRT:
                     batch_size: int = 64) -> np.ndarray:
     """uint8 images, [N, H, W], [N, H, W, C] (C = 1 or 3) or a list of differently sized ones."""
     size = self.config.data.image_size
-    prepared = np.stack([eval_transform(_channels_last(image), size) for image in images])
+    prepared = [eval_transform(_channels_last(image), size) for image in images]
+    prepared = np.stack(prepared) if prepared else np.zeros((0, size, size, 3), np.uint8)
     return self._encode(self._encode_images_fn, (prepared,), project, batch_size)
 
   def encode_texts(self, texts: Sequence[str], *, project: bool = True,
@@ -80,6 +82,10 @@ class ConVIRT:
 
   def _encode(self, fn, arrays: tuple[np.ndarray, ...], project: bool, batch_size: int) -> np.ndarray:
     n = len(arrays[0])
+    if n == 0:  # the width the encoder gives, from its output shape on one row
+      one = [np.zeros((1,) + a.shape[1:], a.dtype) for a in arrays]
+      width = jax.eval_shape(fn, self.variables, *one)[1 if project else 0].shape[-1]
+      return np.zeros((0, width), np.float32)
     outputs = []
     for start in range(0, n, batch_size):
       chunk = [a[start:start + batch_size] for a in arrays]
@@ -88,7 +94,7 @@ class ConVIRT:
       chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) for c in chunk]
       features, projection = fn(self.variables, *chunk)
       outputs.append(np.asarray(projection if project else features)[:real])
-    out = np.concatenate(outputs) if outputs else np.zeros((0, self.config.model.projection_dim))
+    out = np.concatenate(outputs)
     return l2_normalize(out) if project else out
 
   @property

@@ -51,6 +51,10 @@ def test_load_and_encode(workdir):
   np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-5)
   assert model.encode_images(_images(), project=False).shape == (3, 128)  # ResNet18 x 0.25
   assert model.encode_texts(TEXTS, project=False).shape == (4, 32)
+  # No input: no rows, of the same widths.
+  assert model.encode_images([]).shape == (0, 16) and model.encode_texts([]).shape == (0, 16)
+  assert model.encode_images([], project=False).shape == (0, 128)
+  assert model.encode_texts([], project=False).shape == (0, 32)
   # [H, W], [H, W, 1] and grey [H, W, 3] give the same embedding; batching does not matter.
   grey = _images(1)[0]
   same = model.encode_images([grey, grey[..., None], np.repeat(grey[..., None], 3, -1)])

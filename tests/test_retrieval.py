@@ -131,14 +131,6 @@ def test_category_pure():
     rt.category_pure(labels, [0, 4])
 
 
-def test_balanced_subset():
-  category = np.array([0] * 10 + [1] * 3 + [-1] * 5 + [2] * 7)
-  subset = rt.balanced_subset(category, 5, seed=0)
-  assert np.bincount(category[subset]).tolist() == [5, 3, 5]
-  np.testing.assert_array_equal(subset, rt.balanced_subset(category, 5, seed=0))
-  assert not np.array_equal(subset, rt.balanced_subset(category, 5, seed=1))
-
-
 def test_bad_inputs_name_the_problem():
   embeddings = np.ones((4, 3))
   embeddings[2] = 0  # a zero row has similarity 0 to everything: ranked last, not an error

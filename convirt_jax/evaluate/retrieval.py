@@ -58,21 +58,6 @@ def category_pure(labels: np.ndarray, categories_idx: Sequence[int], *,
   return np.where(pure, positive.argmax(axis=1), -1).astype(np.int64)
 
 
-def balanced_subset(category: np.ndarray, per_category: int, seed: int = 0,
-                    num_categories: int | None = None) -> np.ndarray:
-  """Sorted indices of up to `per_category` random rows of each category (rows with -1 are skipped).
-
-  A category with fewer rows contributes all of them; check the counts when a balanced set matters.
-  """
-  category = np.asarray(category, dtype=np.int64)
-  if per_category < 1:
-    raise ValueError(f"per_category must be >= 1, got {per_category}")
-  num_categories = int(category.max()) + 1 if num_categories is None else num_categories
-  rng = np.random.default_rng(seed)
-  chosen = [rng.permutation(np.flatnonzero(category == c))[:per_category] for c in range(num_categories)]
-  return np.sort(np.concatenate(chosen))
-
-
 def _normalize(embeddings: np.ndarray, name: str) -> np.ndarray:
   embeddings = np.asarray(embeddings, dtype=np.float64)
   if embeddings.ndim != 2:

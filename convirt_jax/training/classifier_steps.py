@@ -95,20 +95,6 @@ def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh,
                        out_specs=(P(), P(), P()))
 
 
-def make_gradient_fn(model: ImageClassifier, task: str, mesh: Mesh) -> Callable[..., Any]:
-  """jit((params, batch_stats, batch) -> (grads, new batch_stats, loss)): the train step's first half.
-
-  `batch` {"image" uint8 [B, S, S, 3], "labels" float32 [B, L]} sharded over "data"; outputs replicated.
-  Exposed so that tests compare gradients directly.
-  """
-  sharded = _sharded_gradients(model, task, mesh)
-  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  no_key, no_step = jax.random.key(0), jnp.zeros((), jnp.int32)  # host-augmented: neither is read
-  return jax.jit(lambda params, stats, batch: sharded(params, stats, no_key, no_step,
-                                                      {"image": batch["image"], "labels": batch["labels"]}),
-                 in_shardings=(replicated, replicated, data), out_shardings=replicated)
-
-
 def make_train_step(model: ImageClassifier, optimizer: optax.GradientTransformation, task: str,
                     mesh: Mesh, augment: TrainAugment | None = None
                     ) -> Callable[[dict, dict], tuple[dict, Metrics]]:
