@@ -5,6 +5,7 @@ declared here, so a typo in `--config.x.y=z` is an error from ml_collections rat
 """
 import ml_collections
 
+from convirt_jax.data import registry
 from convirt_jax.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -174,7 +175,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
     "data.uncertainty": ("zeros", "ones", "ignore"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.unit": ("image", "study"),
@@ -260,9 +260,10 @@ def check_text_length(value) -> None:
 def check_keys_and_values(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
                           choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
   """The checks every job's config gets: keys known to `reference` (its base config), values among
-  their `choices`, and the `positive` keys > 0; a ConfigError names the first key that fails."""
+  their `choices` (data.name among the registered data sets), and the `positive` keys > 0; a
+  ConfigError names the first key that fails."""
   _check_known_keys(config.to_dict(), reference.to_dict(), prefix="")
-  for key, allowed in choices.items():
+  for key, allowed in {"data.name": registry.names(), **choices}.items():
     if _get(config, key) not in allowed:
       raise ConfigError(f"config.{key}={_get(config, key)!r}: must be one of {allowed}")
   for key in positive:

@@ -87,7 +87,6 @@ def transfer_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "data.name": ("synthetic", "mimic_cxr", "csv", "rsna", "chexpert", "covidx", "mura"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.uncertainty": ("zeros", "ones", "ignore"),
     "data.augment_on": ("auto", "host", "device"),

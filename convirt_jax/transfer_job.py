@@ -28,7 +28,7 @@ from convirt_jax import parallel
 from convirt_jax import storage
 from convirt_jax import transfer_config
 from convirt_jax import transfer_encoders
-from convirt_jax.data import datasets
+from convirt_jax.data import datasets, registry
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import chexpert_retrieval
 from convirt_jax.evaluate import features as features_lib
@@ -96,7 +96,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
     job.encoder_variables(encoder)
-  title = linear_probe.DATASET_TITLES.get(config.data.name, config.data.name)
+  title = registry.title(config.data.name)
   job.results = {
       "dataset": title, "task": task, "metric": "accuracy" if task == "multiclass" else "auc",
       "label_names": label_names,

@@ -41,23 +41,13 @@ import tensorflow_datasets as tfds
 
 from convirt_jax import storage
 from convirt_jax.data import decode
+from convirt_jax.data import registry
 from convirt_jax.data.builders import common
 from convirt_jax.errors import DataError
 
 __all__ = ["DataError", "Dataset", "load_dataset", "decode_record", "as_text", "make_builder",
            "prepared_dir", "label_counts", "unscorable_labels", "text_source"]
 
-# config.data.name -> (module, builder class) under convirt_jax.data.builders; imported on use.
-_BUILDERS = {
-    "synthetic": ("synthetic", "SyntheticCxr"),
-    "mimic_cxr": ("mimic_cxr", "MimicCxr"),
-    "csv": ("csv_pairs", "CsvPairs"),
-    # The paper's downstream classification sets (images and labels, no reports).
-    "rsna": ("rsna", "RsnaPneumonia"),
-    "chexpert": ("chexpert", "Chexpert"),
-    "covidx": ("covidx", "Covidx"),
-    "mura": ("mura", "Mura"),
-}
 
 
 @dataclasses.dataclass
@@ -72,11 +62,11 @@ class Dataset:
 
 def _builder_parts(config: ml_collections.ConfigDict):
   name = config.data.name
-  if name not in _BUILDERS:
-    raise DataError(f"config.data.name={name!r}: must be one of {', '.join(sorted(_BUILDERS))}")
-  module_name, class_name = _BUILDERS[name]
-  module = importlib.import_module(f"convirt_jax.data.builders.{module_name}")
-  return module, getattr(module, class_name)
+  if name not in registry.names():
+    raise DataError(f"config.data.name={name!r}: must be one of {', '.join(registry.names())}")
+  entry = registry.get(name)
+  module = importlib.import_module(f"convirt_jax.data.builders.{entry.module}")
+  return module, getattr(module, entry.builder)
 
 
 def declared_label_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

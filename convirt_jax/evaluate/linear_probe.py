@@ -40,9 +40,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from convirt_jax.data import registry
 from convirt_jax.errors import NothingToEvaluate
 from convirt_jax.evaluate import features as features_lib
-from convirt_jax.evaluate.results import DATASET_TITLES
 
 TASKS = ("multilabel", "multiclass")
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -289,7 +289,7 @@ def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settin
   embed = lambda source: embedder.split(source, tokenizer, config, with_text=False)
   train, test = embed(train_source), embed(splits["test"])
   val = embed(splits["validation"]) if "validation" in splits else None
-  title = DATASET_TITLES.get(config.data.name, config.data.name)
+  title = registry.title(config.data.name)
   return {title: linear_probe(
       train["image_features"], train["labels"], test["image_features"], test["labels"],
       label_names=dataset.label_names, task=dataset.task, fractions=tuple(settings.fractions),

@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 
 from convirt_jax import storage
+from convirt_jax.data import registry
 
 # config.data.name -> the data set's name in tables (results of other protocols than the paper's are
 # named by their data set, never "Table N").
-DATASET_TITLES = {"synthetic": "Synthetic CXR", "mimic_cxr": "MIMIC-CXR", "csv": "CSV labels",
-                  "rsna": "RSNA Pneumonia", "chexpert": "CheXpert", "covidx": "COVIDx", "mura": "MURA"}
 DIRECTIONS = {"image_to_image": "Image→image", "text_to_image": "Text→image"}
 METRIC_NAMES = {"auc": "AUC ×100", "accuracy": "accuracy %"}
 MISSING = "–"
@@ -248,7 +247,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
   for key, value in results.get("run", {}).items():
     text = value if isinstance(value, str) else json.dumps(to_json_ready(value), ensure_ascii=False)
     lines.append(f"- {key}: {text}")
-  dataset = DATASET_TITLES.get(results.get("run", {}).get("config"), "the evaluation set")
+  name = results.get("run", {}).get("config")
+  dataset = registry.title(name) if name in registry.names() else "the evaluation set"
   for section in (_probe_markdown(methods), _retrieval_markdown(methods, dataset)):
     if section:
       lines += [""] + section

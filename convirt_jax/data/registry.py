@@ -1,0 +1,57 @@
+"""The data sets a config can name (`config.data.name`): one registration line each, read without
+importing any builder, so that configs are checked at once.
+
+Every list of data set names (the configs' choices, the builders `datasets.load_dataset` opens, the
+titles of results.md) comes from here. A new data set is its builder module under
+`convirt_jax/data/builders/` (a `*Params` dataclass, `params_from_config`, a `LocalBuilder` that
+declares its task, labels and splits) plus one `register` line below.
+"""
+import dataclasses
+
+from convirt_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str     # config.data.name
+  module: str   # its builder's module: convirt_jax.data.builders.<module>, imported on use
+  builder: str  # the builder class in that module
+  title: str    # how the results and the plots name it
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def register(name: str, module: str, builder: str, title: str) -> Entry:
+  """Adds a data set (a module imported by name when first used); the name must be new."""
+  if name in _ENTRIES:
+    raise ValueError(f"a data set named {name!r} is registered already ({_ENTRIES[name]})")
+  _ENTRIES[name] = Entry(name, module, builder, title)
+  return _ENTRIES[name]
+
+
+def names() -> tuple[str, ...]:
+  """The registered names, in registration order."""
+  return tuple(_ENTRIES)
+
+
+def get(name: str) -> Entry:
+  if name not in _ENTRIES:
+    raise ConfigError(f"config.data.name={name!r}: must be one of {names()}")
+  return _ENTRIES[name]
+
+
+def title(name: str) -> str:
+  """The data set's title, or its name when none is registered (a results file of another version)."""
+  return _ENTRIES[name].title if name in _ENTRIES else name
+
+
+# Pretraining sets (image-report pairs).
+register("synthetic", "synthetic", "SyntheticCxr", "Synthetic CXR")
+register("mimic_cxr", "mimic_cxr", "MimicCxr", "MIMIC-CXR")
+register("csv", "csv_pairs", "CsvPairs", "CSV labels")
+# The paper's downstream classification sets (images and labels, no reports).
+register("rsna", "rsna", "RsnaPneumonia", "RSNA Pneumonia")
+register("chexpert", "chexpert", "Chexpert", "CheXpert")
+register("covidx", "covidx", "Covidx", "COVIDx")
+register("mura", "mura", "Mura", "MURA")
