@@ -85,6 +85,7 @@ def _pretrain_step(args, mesh):
   config.model.text.max_length = args.text_length
   config.train.batch_size = args.batch
   config.train.precision = args.precision
+  config.data.augment_on = "host"  # the model's step alone, fed augmented images
   text_config = BertConfig(vocab_size=args.vocab, hidden_size=args.bert_hidden,
                            num_hidden_layers=args.bert_layers,
                            num_attention_heads=max(1, args.bert_hidden // 64),

@@ -76,6 +76,7 @@ def _step_time(batch: int, repeats: int) -> tuple[float, float]:
   config.model.image.depth, config.model.image.width = 18, 0.25
   config.model.text.frozen_layers = 0
   config.train.batch_size = batch
+  config.data.augment_on = "host"  # the model's step alone, fed augmented images
   text_config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=128, max_position_embeddings=text_length)
   mesh = parallel.make_mesh()

@@ -71,6 +71,7 @@ def paper_config(args: argparse.Namespace, global_batch: int, mode: str = "plain
   config.train.precision = precision
   config.train.remat = mode.endswith("remat")
   config.train.microbatch_size = microbatch_size if mode.startswith("micro") else 0
+  config.data.augment_on = "host"  # the model's step alone, fed augmented images
   heads = max(1, args.text_hidden // 64)
   text_config = BertConfig(vocab_size=args.vocab_size, hidden_size=args.text_hidden,
                            num_hidden_layers=args.text_layers, num_attention_heads=heads,

@@ -126,7 +126,8 @@ def step_seconds_by_mode(steps: int = 10) -> dict[str, float]:
     config = synthetic.get_config()
     config.data.augment_on = mode
     size, length, rows = config.data.image_size, int(config.model.text.max_length), config.train.batch_size
-    bert = BertConfig.from_dict({**config.model.text.config.to_dict(), "vocab_size": config.model.text.vocab_size})
+    bert = BertConfig.from_dict({**config.model.text.config.to_dict(),
+                                 "vocab_size": config.model.text.vocab_size})
     mesh = parallel.make_mesh()
     model = build_model(config, bert, axis_name=parallel.DATA_AXIS)
     optimizer = opt_lib.make_optimizer(config, state_lib.param_shapes(model, size, length), 1000)
@@ -175,7 +176,7 @@ def train_step_consumer(batch_size: int, image_size: int, max_length: int, vocab
   step = steps_lib.make_train_step(model, optimizer, config, mesh)
 
   def consume(batch):
-    inputs = {k: batch[k] for k in ("image", "input_ids", "attention_mask")}
+    inputs = steps_lib.model_inputs(batch)  # with "extent" where the step augments (data.augment_on)
     state["value"], metrics = step(state["value"], parallel.shard_batch(inputs, mesh))
     jax.block_until_ready(metrics)
   return consume

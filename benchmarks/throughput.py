@@ -94,6 +94,7 @@ def step_config(args, batch: int, mode: str, precision: str):
   config.train.precision = precision
   config.train.remat = mode.endswith("remat")
   config.train.microbatch_size = min(args.microbatch, batch) if mode.startswith("micro") else 0
+  config.data.augment_on = "host"  # the model's step alone, fed augmented images
   text = config.model.text
   vocab = text.vocab_size if text.tokenizer == "corpus" else args.vocab_size
   return config, BertConfig.from_dict({**text.config.to_dict(), "vocab_size": vocab})
