@@ -66,8 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ""                # where built TFDS datasets live; "" = <workdir>/tfds
   c.data.image_size = 224             # model input size
   c.data.stored_size = 256            # shorter side images are stored at
-  # Where the training augmentations run: "auto" (the device on GPU/TPU, the host on CPU) | "host" (grain
-  # workers, Pillow) | "device" (inside the jitted step, data/device_augment.py; the host sends the
+  # Where the training augmentations run: "auto" (the device on a GPU, the host on TPU and CPU: on a TPU
+  # the affine step's gathers cost more than the host's cores, augment.resolve_augment_on) | "host"
+  # (grain workers, Pillow) | "device" (inside the jitted step, data/device_augment.py; the host sends the
   # stored images padded to one shape). Same transform and parameter ranges either way.
   c.data.augment_on = "auto"
   c.data.frontal_only = True          # MIMIC: PA/AP views only; CheXpert: "Frontal" rows only

@@ -108,7 +108,8 @@ def test_pretraining_step_compiles_for_the_target(target_name):
   target = targets.get(target_name)
   assert row["chips"] == target.chips and row["hosts"] == target.hosts
   assert row["precision"] == "bfloat16"  # "auto" resolved for the target, not for this CPU
-  assert row["augment_on"] == "device"  # ... and the augmentations compiled into the step
+  # ... and where the augmentations run: in the step on a GPU, on the host for a TPU (their gathers)
+  assert row["augment_on"] == ("device" if target.platform == "cuda" else "host")
   memory = row["memory_bytes"]
   assert 0 < memory["total"] < target.chip.memory_bytes and row["fits"]
   assert memory["state"] > 0 and memory["batch"] > 0 and memory["temp"] > 0
@@ -236,7 +237,10 @@ def test_plan_runs_without_a_network(tmp_path):
   report = json.loads(out.read_text())
   assert [r["target"] for r in report["rows"]] == ["v5e-1", "h100x1"]
   assert all(r["fits"] and r["flops_per_chip"] > 0 for r in report["rows"])
-  assert report["input"]["images_per_s_per_core"] > 0
+  assert all(rate["images_per_s_per_core"] > 0 for rate in report["input"].values())
+  # Each target's own pipeline: the TPU's augments on the host, the GPU's in the step.
+  assert [r["augment_on"] for r in report["rows"]] == ["host", "device"] and set(report["input"]) == {
+      "host", "device"}
   # libtpu's and the CUDA plugin's start-up chatter does not reach the user.
   for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "cuda drivers", "metadata"):
     assert noise not in result.stderr, result.stderr[-2000:]

@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
         rows_per_chip: list[int] | None = None, max_batch: bool = False, measure_input: bool = True,
         input_seconds: float = 3.0, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The plan of `job` ("pretrain" or "transfer") with `config` on every target; returns the report
-  ({"rows": [...], "max_batch": [...], "input": {...}}) that `format_table` prints."""
+  ({"rows": [...], "max_batch": [...], "input": {augment_on: {...}}}) that `format_table` prints."""
   if job not in programs.JOBS:
     raise ConfigError(f"--job={job}: one of {', '.join(programs.JOBS)}")
   if not target_names:
@@ -170,24 +170,27 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
     devices.require_compiler(platform)
   devices.start_jax()
   validate(config, job)
-  rate = None
+  mode_of = lambda target: programs.with_precision_for(config, job, target.platform).data.augment_on
+  rates = {}  # the pipeline each target's job runs: data.augment_on resolves by platform
   if measure_input:
     from convirt_jax.planning import input_rate  # pylint: disable=g-import-not-at-top
-    # The pipeline the targets' job runs (all are GPUs or TPUs: one data.augment_on for them all).
-    measured = programs.with_precision_for(config, job, chosen[0].platform)
-    rate = input_rate.measure(measured, with_text=job == "pretrain", seconds=input_seconds)
-    log(f"input pipeline: {rate.images_per_s_per_core:.0f} images/s per CPU core on this machine "
-        f"({rate.stored_size} px stored -> {rate.image_size} px, augmentations on the "
-        f"{measured.data.augment_on})")
+    for target in chosen:
+      mode = mode_of(target)
+      if mode not in rates:
+        measured = programs.with_precision_for(config, job, target.platform)
+        rates[mode] = input_rate.measure(measured, with_text=job == "pretrain", seconds=input_seconds)
+        log(f"input pipeline: {rates[mode].images_per_s_per_core:.0f} images/s per CPU core on this "
+            f"machine ({rates[mode].stored_size} px stored -> {rates[mode].image_size} px, augmentations "
+            f"on the {mode})")
   report: dict[str, Any] = {"job": job, "rows": [], "max_batch": [],
                             "note": "compiled for the target, not run on it; the roofline figure is a "
                                     "lower bound on the step time, not a measurement"}
-  if rate is not None:
-    report["input"] = {"images_per_s_per_core": rate.images_per_s_per_core, "seconds": rate.seconds,
-                       "image_size": rate.image_size, "stored_size": rate.stored_size,
-                       "augment_on": measured.data.augment_on}
+  if rates:
+    report["input"] = {mode: {"images_per_s_per_core": rate.images_per_s_per_core, "seconds": rate.seconds,
+                              "image_size": rate.image_size, "stored_size": rate.stored_size}
+                       for mode, rate in rates.items()}
   for target in chosen:
-    planner = Planner(config, job, target, rate, log)
+    planner = Planner(config, job, target, rates.get(mode_of(target)), log)
     if rows_per_chip:
       for rows in rows_per_chip:
         report["rows"].append(planner.at(rows))
@@ -220,9 +223,9 @@ def _collectives(row: dict[str, Any]) -> str:
 def format_table(report: dict[str, Any]) -> str:
   """The report as Markdown tables (memory in GiB per chip)."""
   lines = [f"Plan of the {report['job']} step: {report['note']}."]
-  if "input" in report:
-    lines.append(f"Input pipeline on this machine: {report['input']['images_per_s_per_core']:.0f} "
-                 "images/s per CPU core.")
+  for mode, rate in report.get("input", {}).items():
+    lines.append(f"Input pipeline on this machine, augmentations on the {mode}: "
+                 f"{rate['images_per_s_per_core']:.0f} images/s per CPU core.")
   lines += ["", "| target | rows/chip | setting | state | batch | temp | out | total GiB | chip GiB | fits "
             "| TFLOP/chip | GB accessed | bound ms (by) | img/s/chip bound | cores/chip at bound, 40% "
             "(host has) | collectives | compile s |", "|" + "---|" * 17]
@@ -236,7 +239,8 @@ def format_table(report: dict[str, Any]) -> str:
                                                     else " exceeds at bound" if i["exceeds_host_at_bound"]
                                                     else ""))
     lines.append(
-        f"| {r['target']} | {r['rows_per_chip']} | {r['setting']} | {_gib(m['state'])} | {_gib(m['batch'])} "
+        f"| {r['target']} | {r['rows_per_chip']} | {r['setting']}, augment on {r['augment_on']} "
+        f"| {_gib(m['state'])} | {_gib(m['batch'])} "
         f"| {_gib(m['temp'])} | {_gib(m['outputs'])} | {_gib(m['total'])} | {_gib(r['chip_memory_bytes'])} "
         f"| {'yes' if r['fits'] else 'NO'} | {r['flops_per_chip'] / 1e12:.2f} "
         f"| {r['bytes_accessed_per_chip'] / 1e9:.1f} | {b['bound_s'] * 1e3:.1f} ({b['bound_by']}) "

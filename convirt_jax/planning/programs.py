@@ -8,8 +8,8 @@ Both are jitted with the jobs' shardings (state replicated and donated, batch sh
 the mesh they are given. Nothing is initialised: `jax.eval_shape` gives the state's shapes.
 
 train.precision / finetune.precision and data.augment_on "auto" resolve for the target's platform here,
-not for the CPU this runs on (`with_precision_for`): on GPU and TPU the step compiled includes the
-device augmentations, and its batch is the padded stored images.
+not for the CPU this runs on (`with_precision_for`): on a GPU the step compiled includes the device
+augmentations, and its batch is the padded stored images.
 """
 from __future__ import annotations
 
