@@ -8,6 +8,7 @@ import ml_collections
 from convirt_jax.data import registry
 from convirt_jax.errors import ConfigError
 
+AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on: augment.resolve_augment_on
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTO = "auto"  # model.text.max_length chosen from the training texts (text_length.py)
@@ -179,7 +180,7 @@ _CHOICES = {
     "data.uncertainty": ("zeros", "ones", "ignore"),
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.unit": ("image", "study"),
-    "data.augment_on": ("auto", "host", "device"),
+    "data.augment_on": AUGMENT_ON,
     "model.image.depth": (18, 34, 50, 101),
     "model.text.pooling": ("max", "mean", "cls"),
     "model.image.batch_norm": ("batch", "frozen"),

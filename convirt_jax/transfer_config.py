@@ -89,7 +89,7 @@ def transfer_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "data.task": ("auto", "binary", "multilabel", "multiclass"),
     "data.uncertainty": ("zeros", "ones", "ignore"),
-    "data.augment_on": ("auto", "host", "device"),
+    "data.augment_on": config_lib.AUGMENT_ON,
     "model.image.depth": (18, 34, 50, 101),
     "model.image.batch_norm": ("batch", "frozen"),
     "finetune.precision": ("auto", "float32", "bfloat16"),

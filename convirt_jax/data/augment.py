@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from convirt_jax.config import AUGMENT_ON
 from convirt_jax.errors import ConfigError
 
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
@@ -232,9 +233,6 @@ class TrainAugment:
     """uint8 [H, W, 1] -> uint8 [S, S, 3] with parameters drawn from `rng`."""
     height, width = as_grey(image).shape
     return self.apply(image, self.sample(rng, height, width))
-
-
-AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on
 
 
 def resolve_augment_on(augment_on: str, platform: str | None = None) -> str:

@@ -62,9 +62,9 @@ class Dataset:
 
 def _builder_parts(config: ml_collections.ConfigDict):
   name = config.data.name
-  if name not in registry.names():
+  entry = registry.find(name)
+  if entry is None:
     raise DataError(f"config.data.name={name!r}: must be one of {', '.join(registry.names())}")
-  entry = registry.get(name)
   module = importlib.import_module(f"convirt_jax.data.builders.{entry.module}")
   return module, getattr(module, entry.builder)
 

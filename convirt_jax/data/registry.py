@@ -8,8 +8,6 @@ declares its task, labels and splits) plus one `register` line below.
 """
 import dataclasses
 
-from convirt_jax.errors import ConfigError
-
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -35,10 +33,9 @@ def names() -> tuple[str, ...]:
   return tuple(_ENTRIES)
 
 
-def get(name: str) -> Entry:
-  if name not in _ENTRIES:
-    raise ConfigError(f"config.data.name={name!r}: must be one of {names()}")
-  return _ENTRIES[name]
+def find(name: str) -> Entry | None:
+  """The registered data set of that name, or None."""
+  return _ENTRIES.get(name)
 
 
 def title(name: str) -> str:

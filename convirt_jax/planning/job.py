@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
@@ -52,9 +52,13 @@ def _setting(config: ml_collections.ConfigDict, job: str) -> str:
 class Planner:
   """Compiles and reports one job's programs for one target."""
 
-  def __init__(self, config, job: str, target: Target, input_rate, log: Callable[[str], None]):
-    self.job, self.target, self.input_rate, self.log = job, target, input_rate, log
+  def __init__(self, config, job: str, target: Target, input_rates: Mapping[str, Any] | None,
+               log: Callable[[str], None]):
+    """`input_rates`: the pipeline measured per data.augment_on (None: not measured); the target's
+    own mode is used."""
+    self.job, self.target, self.log = job, target, log
     self.config = programs.with_precision_for(config, job, target.platform)
+    self.input_rate = (input_rates or {}).get(self.config.data.augment_on)
     self.bert, self.text_source = (programs.text_config(self.config) if job == "pretrain"
                                    else (None, ""))
     self.mesh = devices.mesh_for(target)
@@ -170,14 +174,13 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
     devices.require_compiler(platform)
   devices.start_jax()
   validate(config, job)
-  mode_of = lambda target: programs.with_precision_for(config, job, target.platform).data.augment_on
   rates = {}  # the pipeline each target's job runs: data.augment_on resolves by platform
   if measure_input:
     from convirt_jax.planning import input_rate  # pylint: disable=g-import-not-at-top
     for target in chosen:
-      mode = mode_of(target)
+      measured = programs.with_precision_for(config, job, target.platform)
+      mode = measured.data.augment_on
       if mode not in rates:
-        measured = programs.with_precision_for(config, job, target.platform)
         rates[mode] = input_rate.measure(measured, with_text=job == "pretrain", seconds=input_seconds)
         log(f"input pipeline: {rates[mode].images_per_s_per_core:.0f} images/s per CPU core on this "
             f"machine ({rates[mode].stored_size} px stored -> {rates[mode].image_size} px, augmentations "
@@ -190,7 +193,7 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
                               "image_size": rate.image_size, "stored_size": rate.stored_size}
                        for mode, rate in rates.items()}
   for target in chosen:
-    planner = Planner(config, job, target, rates.get(mode_of(target)), log)
+    planner = Planner(config, job, target, rates, log)
     if rows_per_chip:
       for rows in rows_per_chip:
         report["rows"].append(planner.at(rows))
