@@ -42,18 +42,19 @@ def _finetune_step(args, mesh):
   import numpy as np
   from convirt_jax import parallel
   from convirt_jax.evaluate import finetune
+  from convirt_jax.models import registry
+  from convirt_jax.models.classifier import ImageClassifier
   from convirt_jax.models.convirt import compute_dtype
-  from convirt_jax.models.resnet import ResNet
-  from convirt_jax.training import classifier_steps
   from convirt_jax.training import state as state_lib
-  from convirt_jax.transfer_encoders import Architecture, random_resnet_variables
 
-  arch = Architecture(args.depth, args.width, args.small_stem, args.image_size)
-  model = classifier_steps.ImageClassifier(
-      ResNet(depth=arch.depth, width=arch.width, small_stem=arch.small_stem, axis_name=parallel.DATA_AXIS,
-             dtype=compute_dtype(args.precision)), num_outputs=args.labels)
+  arch = registry.ImageArch("resnet", (("depth", args.depth), ("width", args.width),
+                                       ("small_stem", args.small_stem)))
+  encoder, features_dim = registry.build_image_encoder(arch, axis_name=parallel.DATA_AXIS,
+                                                       dtype=compute_dtype(args.precision))
+  model = ImageClassifier(encoder=encoder, features_dim=features_dim, num_outputs=args.labels)
   optimizer, train_step, _ = finetune.compiled_steps(model, "multilabel", mesh, 1e-4, 1e-6)
-  variables = finetune.classifier_variables(model, random_resnet_variables(arch, 0), seed=0)
+  encoder_variables = registry.random_variables(arch, args.image_size, 0)
+  variables = finetune.classifier_variables(model, encoder_variables, seed=0)
   state = parallel.replicate(state_lib.new_state(variables, optimizer, jax.random.PRNGKey(0)), mesh)
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch({

@@ -7,6 +7,7 @@ import ml_collections
 
 from convirt_jax.data import registry
 from convirt_jax.errors import ConfigError
+from convirt_jax.models import registry as image_registry
 
 AUGMENT_ON = ("auto", "host", "device")  # config.data.augment_on: augment.resolve_augment_on
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.image = ml_collections.ConfigDict()
+  c.model.image.name = "resnet"       # a registered image encoder (convirt_jax/models/registry.py)
   c.model.image.depth = 50            # 18 | 34 | 50 | 101
   c.model.image.width = 1.0           # multiplier on torchvision's 64 base channels
   c.model.image.small_stem = False    # 3x3 stride-1 stem, no max-pool: for tiny images/models only
@@ -262,10 +264,12 @@ def check_text_length(value) -> None:
 def check_keys_and_values(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
                           choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
   """The checks every job's config gets: keys known to `reference` (its base config), values among
-  their `choices` (data.name among the registered data sets), and the `positive` keys > 0; a
+  their `choices` (data.name and model.image.name among the registered data sets and image encoders),
+  and the `positive` keys > 0; a
   ConfigError names the first key that fails."""
   _check_known_keys(config.to_dict(), reference.to_dict(), prefix="")
-  for key, allowed in {"data.name": registry.names(), **choices}.items():
+  registered = {"data.name": registry.names(), "model.image.name": image_registry.names()}
+  for key, allowed in {**registered, **choices}.items():
     if _get(config, key) not in allowed:
       raise ConfigError(f"config.{key}={_get(config, key)!r}: must be one of {allowed}")
   for key in positive:

@@ -29,7 +29,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from convirt_jax.models.resnet import base_channels
+from convirt_jax.models import registry
+from convirt_jax.models.convirt import image_variables
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the PyTorch files into.")
@@ -52,7 +53,7 @@ def projection_heads_state_dict(params) -> dict[str, np.ndarray]:
 def export(model, output_dir: str, overwrite: bool = False) -> None:
   """Writes the files listed in this module's docstring for a loaded `convirt_jax.ConVIRT`."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from convirt_jax.interop import hf_bert, torchvision_resnet  # pylint: disable=g-import-not-at-top
+  from convirt_jax.interop import hf_bert  # pylint: disable=g-import-not-at-top
 
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir) and not overwrite:
@@ -61,10 +62,10 @@ def export(model, output_dir: str, overwrite: bool = False) -> None:
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
   try:
-    variables = {"params": model.variables["params"]["image"],
-                 "batch_stats": model.variables["batch_stats"]["image"]}
-    torchvision_resnet.save_torchvision_resnet(variables, os.path.join(staging, "image_encoder.safetensors"))
-    torchvision_resnet.save_torchvision_resnet(variables, os.path.join(staging, "image_encoder.pt"))
+    variables = image_variables(model.variables)
+    image_interop = registry.interop(registry.arch_from_config(model.config.model.image).name)
+    image_interop.save_torchvision(variables, os.path.join(staging, "image_encoder.safetensors"))
+    image_interop.save_torchvision(variables, os.path.join(staging, "image_encoder.pt"))
     hf_bert.save_hf_bert(model.text_config, model.variables["params"]["text"],
                          os.path.join(staging, "text_encoder"), tokenizer_from=model.tokenizer)
     safetensors.numpy.save_file(projection_heads_state_dict(model.variables["params"]),
@@ -93,16 +94,13 @@ def _user_file_modes(directory: str) -> None:
 
 def readme(model) -> str:
   c = model.config
-  depth = c.model.image.depth
-  image = c.model.image
-  if image.width == 1.0 and not image.small_stem:
-    build_resnet = f"resnet = torchvision.models.resnet{depth}()\n    resnet.fc = torch.nn.Identity()"
-  else:  # not a torchvision preset: the same ResNet class with convirt_jax's widths and stem
-    build_resnet = _narrow_resnet_code(depth, base_channels(image.width), image.small_stem)
+  arch = registry.arch_from_config(c.model.image)
+  encoder, build_encoder = registry.interop(arch.name).torch_builder(dict(arch.options))
+  build_encoder = build_encoder.replace("\n", "\n    ")  # the template's indent, which dedent removes
   return textwrap.dedent(f"""\
     # ConVIRT encoders exported from convirt_jax (step {model.step})
 
-    ResNet{depth} image encoder (torchvision), BERT text encoder (Hugging Face) and the two projection
+    {arch.title()} image encoder (torchvision), BERT text encoder (Hugging Face) and the two projection
     heads to a shared {c.model.projection_dim}-d space. Images are grayscale, resized so the shorter side is
     {c.data.image_size} px (bilinear), centre-cropped to {c.data.image_size}x{c.data.image_size},
     repeated to 3 channels and normalised with the ImageNet mean/std. Text is pooled by
@@ -115,8 +113,8 @@ def readme(model) -> str:
     from safetensors.torch import load_file
 
     d = "."  # this directory
-    {build_resnet}
-    resnet.load_state_dict(load_file(f"{{d}}/image_encoder.safetensors"), strict=True)
+    {build_encoder}
+    {encoder}.load_state_dict(load_file(f"{{d}}/image_encoder.safetensors"), strict=True)
     bert = transformers.BertModel.from_pretrained(f"{{d}}/text_encoder")
     tokenizer = transformers.BertTokenizerFast.from_pretrained(f"{{d}}/text_encoder")
     heads = load_file(f"{{d}}/projection_heads.safetensors")
@@ -129,7 +127,7 @@ def readme(model) -> str:
       return seq
 
     image_head, text_head = head("image_head"), head("text_head")
-    resnet.eval(), bert.eval(), image_head.eval(), text_head.eval()
+    {encoder}.eval(), bert.eval(), image_head.eval(), text_head.eval()
 
     SIZE = {c.data.image_size}
     MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -147,7 +145,7 @@ def readme(model) -> str:
 
     @torch.no_grad()
     def encode_images(images):  # list of uint8 [H, W]
-      v = image_head(resnet(torch.stack([preprocess(im) for im in images])))
+      v = image_head({encoder}(torch.stack([preprocess(im) for im in images])))
       return torch.nn.functional.normalize(v, dim=-1)
 
     @torch.no_grad()
@@ -160,29 +158,6 @@ def readme(model) -> str:
       return torch.nn.functional.normalize(text_head(pooled), dim=-1)
     ```
     """)
-
-
-def _narrow_resnet_code(depth: int, base: int, small_stem: bool) -> str:
-  block, layers = {18: ("BasicBlock", [2, 2, 2, 2]), 34: ("BasicBlock", [3, 4, 6, 3]),
-                   50: ("Bottleneck", [3, 4, 6, 3]), 101: ("Bottleneck", [3, 4, 23, 3])}[depth]
-  stem = ("torch.nn.Conv2d(3, base, 3, 1, 1, bias=False)" if small_stem
-          else "torch.nn.Conv2d(3, base, 7, 2, 3, bias=False)")
-  lines = [
-      f"# ResNet{depth} with {base} base channels{' and a 3x3 stride-1 stem without max-pool' if small_stem else ''}",
-      "from torchvision.models.resnet import ResNet, BasicBlock, Bottleneck",
-      f"resnet, base = ResNet({block}, {layers}), {base}",
-      f"resnet.inplanes, resnet.conv1, resnet.bn1 = base, {stem}, torch.nn.BatchNorm2d(base)",
-  ]
-  if small_stem:
-    lines.append("resnet.maxpool = torch.nn.Identity()")
-  lines += [
-      f"resnet.layer1 = resnet._make_layer({block}, base, {layers[0]})",
-      f"resnet.layer2 = resnet._make_layer({block}, base * 2, {layers[1]}, stride=2)",
-      f"resnet.layer3 = resnet._make_layer({block}, base * 4, {layers[2]}, stride=2)",
-      f"resnet.layer4 = resnet._make_layer({block}, base * 8, {layers[3]}, stride=2)",
-      "resnet.fc = torch.nn.Identity()",
-  ]
-  return "\n    ".join(lines)
 
 
 def _pooling_line(kind: str) -> str:

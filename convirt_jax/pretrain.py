@@ -25,8 +25,7 @@ from convirt_jax.evaluate import downstream, plots, results as results_lib
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.hub import resolve_hf_dir
 from convirt_jax.interop.hf_bert import load_hf_bert
-from convirt_jax.interop.torchvision_resnet import load_imagenet_resnet
-from convirt_jax.models import convirt
+from convirt_jax.models import convirt, registry
 from convirt_jax.models.bert import BertConfig
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints, metric_logging, workdir_lock
@@ -315,7 +314,8 @@ def _pretrained_image(config: ml_collections.ConfigDict):
   image = config.model.image
   if not image.init_from:
     return None
-  return load_imagenet_resnet(image.init_from, image.depth, image.width, image.small_stem)
+  arch = registry.arch_from_config(image)
+  return registry.interop(arch.name).load_torchvision(image.init_from, dict(arch.options))
 
 
 def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[str, float]:

@@ -36,6 +36,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   # encoder's BatchNorm trains when fine-tuning ("batch": synced batch statistics, torch's train mode).
   c.model = ml_collections.ConfigDict()
   c.model.image = ml_collections.ConfigDict()
+  c.model.image.name = base.model.image.name
   c.model.image.depth = base.model.image.depth
   c.model.image.width = base.model.image.width
   c.model.image.small_stem = base.model.image.small_stem

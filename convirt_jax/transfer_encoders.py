@@ -4,29 +4,26 @@
   PATH, PATH@best   a ConVIRT pretraining workdir: its best checkpoint by validation loss (the latest,
                     with a warning, when no checkpoint has one: `checkpoints.resolve_step`)
   PATH@latest, PATH@STEP   another checkpoint of it
-  "imagenet"        torchvision ResNet weights from config.imagenet_weights (a file, or "torchvision")
+  "imagenet"        torchvision weights of the image encoder from config.imagenet_weights (a file, or
+                    "torchvision")
   "random"          torchvision's initialisation, seeded by config.random_init_seed
 
-All encoders share one architecture: the ConVIRT workdirs' (depth, width, small_stem, input size), else
-config.model.image and config.data.image_size. `parse_encoders` and `resolve_architecture` only read
-files (no compile), so every bad entry is reported before anything runs.
+All encoders share one architecture: the ConVIRT workdirs' (model.image's encoder and its fields, input
+size), else config.model.image and config.data.image_size. `parse_encoders` and `resolve_architecture`
+only read files (no compile), so every bad entry is reported before anything runs.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
-import flax
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from convirt_jax import storage
 from convirt_jax.errors import CheckpointError, ConfigError
-from convirt_jax.models.resnet import ResNet
+from convirt_jax.models import registry
+from convirt_jax.models.convirt import image_variables
 from convirt_jax.training import checkpoints
 
 CONVIRT, IMAGENET, RANDOM = "convirt", "imagenet", "random"
@@ -60,14 +57,16 @@ class Encoder:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  depth: int
-  width: float
-  small_stem: bool
+  """The image encoder every row of a transfer shares, and its input size."""
+  image: registry.ImageArch
   image_size: int
 
   def describe(self) -> str:
-    return (f"ResNet{self.depth} (width {self.width:g}{', small stem' if self.small_stem else ''}) at "
-            f"{self.image_size} px")
+    return f"{self.image.describe()} at {self.image_size} px"
+
+  def as_dict(self) -> dict[str, Any]:
+    """config.model.image's fields and data.image_size (what a result's identity records)."""
+    return {**self.image.as_dict(), "image_size": self.image_size}
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -111,7 +110,7 @@ def parse_encoders(config: ml_collections.ConfigDict) -> list[Encoder]:
       if spec == IMAGENET and config.imagenet_weights != "torchvision" and not os.path.isfile(
           config.imagenet_weights):
         raise ConfigError(f"config.imagenet_weights={config.imagenet_weights!r}: no such file (give a "
-                          "torchvision ResNet .pth/.pt/.safetensors file, or \"torchvision\")")
+                          "torchvision .pth/.pt/.safetensors file, or \"torchvision\")")
       encoders.append(Encoder(name=ROW_NAMES[spec], slug=spec, kind=spec, spec=spec))
     else:
       encoders.append(_convirt_encoder(spec))
@@ -143,13 +142,10 @@ def resolve_architecture(encoders: list[Encoder], config: ml_collections.ConfigD
   found = {}
   for e in encoders:
     if e.is_convirt:
-      image, data = e.pretrain_config["model"]["image"], e.pretrain_config["data"]
-      found[e.spec] = Architecture(int(image["depth"]), float(image["width"]), bool(image["small_stem"]),
-                                   int(data["image_size"]))
+      found[e.spec] = Architecture(registry.arch_from_config(e.pretrain_config["model"]["image"]),
+                                   int(e.pretrain_config["data"]["image_size"]))
   if not found:
-    image = config.model.image
-    return Architecture(int(image.depth), float(image.width), bool(image.small_stem),
-                        int(config.data.image_size))
+    return Architecture(registry.arch_from_config(config.model.image), int(config.data.image_size))
   first_spec, first = next(iter(found.items()))
   for spec, arch in found.items():
     if arch != first:
@@ -158,58 +154,22 @@ def resolve_architecture(encoders: list[Encoder], config: ml_collections.ConfigD
   return first
 
 
-def resnet_shapes(arch: Architecture) -> dict[str, Any]:
-  """{"params", "batch_stats"} of the architecture's ResNet as ShapeDtypeStructs (traced, not compiled)."""
-  model = ResNet(depth=arch.depth, width=arch.width, small_stem=arch.small_stem)
-  images = jax.ShapeDtypeStruct((1, arch.image_size, arch.image_size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-
-
-def random_resnet_variables(arch: Architecture, seed: int) -> dict[str, Any]:
-  """torchvision's ResNet initialisation drawn with numpy from `seed`: convolutions kaiming-normal
-  (fan_out, ReLU gain: N(0, 2 / (k * k * out))), BatchNorm scale 1 / bias 0, running mean 0 / var 1.
-
-  The distribution `ResNet.init` draws from, without compiling the network's forward pass (seconds to
-  minutes on a CPU) for weights that are only a baseline.
-  """
-  shapes = resnet_shapes(arch)
-  rng = np.random.default_rng(seed)
-  out = {}
-  for collection in ("params", "batch_stats"):
-    flat = flax.traverse_util.flatten_dict(shapes[collection])
-    values = {}
-    for path in sorted(flat):
-      shape, leaf = flat[path].shape, path[-1]
-      if leaf == "kernel":
-        fan_out = math.prod(shape[:-2]) * shape[-1]
-        values[path] = rng.normal(0.0, math.sqrt(2.0 / fan_out), shape).astype(np.float32)
-      elif leaf in ("scale", "var"):
-        values[path] = np.ones(shape, np.float32)
-      elif leaf in ("bias", "mean"):
-        values[path] = np.zeros(shape, np.float32)
-      else:
-        raise ValueError(f"unexpected ResNet variable {collection}/{'/'.join(path)}")
-    out[collection] = flax.traverse_util.unflatten_dict(values)
-  return out
-
-
 def load_encoder(encoder: Encoder, arch: Architecture, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"params", "batch_stats"} of the ResNet (no head): restored from the ConVIRT checkpoint, read from
-  torchvision weights, or drawn (config.random_init_seed)."""
+  """{"params", "batch_stats"} of the image encoder (no head): restored from the ConVIRT checkpoint,
+  read from torchvision weights, or drawn (config.random_init_seed)."""
   if encoder.kind == CONVIRT:
     variables = checkpoints.restore_variables(encoder.path, encoder.step)
-    return {"params": variables["params"]["image"], "batch_stats": variables["batch_stats"]["image"]}
+    return image_variables(variables)
   if encoder.kind == IMAGENET:
-    # pylint: disable-next=g-import-not-at-top
-    from convirt_jax.interop.torchvision_resnet import load_imagenet_resnet
     try:
-      variables = load_imagenet_resnet(config.imagenet_weights, arch.depth, arch.width, arch.small_stem)
+      variables = registry.interop(arch.image.name).load_torchvision(config.imagenet_weights,
+                                                                      dict(arch.image.options))
     except (ConfigError, CheckpointError) as e:
       raise type(e)(f"config.imagenet_weights={config.imagenet_weights!r} for a {arch.describe()}: "
                     f"{e}") from e
     return variables
   if encoder.kind == RANDOM:
-    return random_resnet_variables(arch, int(config.random_init_seed))
+    return registry.random_variables(arch.image, arch.image_size, int(config.random_init_seed))
   raise ValueError(f"unknown encoder kind {encoder.kind!r}")
 
 

@@ -15,7 +15,6 @@ Every protocol trains on the same subsets: `finetune.training_subsets` is the li
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any, Callable
@@ -34,9 +33,9 @@ from convirt_jax.evaluate import chexpert_retrieval
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import finetune, linear_probe, plots, zeroshot
 from convirt_jax.evaluate import results as results_lib
+from convirt_jax.models import registry as image_registry
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.models.convirt import compute_dtype
-from convirt_jax.models.resnet import ResNet
 from convirt_jax.training import classifier_steps
 from convirt_jax.training import metric_logging
 from convirt_jax.training import preemption
@@ -198,18 +197,17 @@ def resolve_task(requested: str, dataset_task: str, label_names: list[str], trai
 
 def classifier_model(config: ml_collections.ConfigDict, arch: transfer_encoders.Architecture,
                      num_outputs: int) -> ImageClassifier:
-  """The classifier every protocol runs (its ResNet synchronises BatchNorm over the data axis)."""
-  encoder = ResNet(depth=arch.depth, width=arch.width, small_stem=arch.small_stem,
-                   axis_name=parallel.DATA_AXIS, dtype=compute_dtype(config.finetune.precision),
-                   batch_norm=config.model.image.batch_norm)
-  return ImageClassifier(encoder=encoder, num_outputs=num_outputs)
+  """The classifier every protocol runs (its encoder synchronises BatchNorm over the data axis)."""
+  encoder, features_dim = image_registry.build_image_encoder(
+      arch.image, axis_name=parallel.DATA_AXIS, dtype=compute_dtype(config.finetune.precision),
+      batch_norm=config.model.image.batch_norm)
+  return ImageClassifier(encoder=encoder, features_dim=features_dim, num_outputs=num_outputs)
 
 
 def _with_architecture(config: ml_collections.ConfigDict,
                        arch: transfer_encoders.Architecture) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.image.depth, config.model.image.width = arch.depth, arch.width
-  config.model.image.small_stem = arch.small_stem
+  config.model.image.update(arch.image.as_dict())
   config.data.image_size = arch.image_size
   return config
 
@@ -234,11 +232,11 @@ class _Job:
     return {"data": self.dataset.info.full_name, "encoder": encoder.spec, "encoder_step": encoder.step,
             "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
             "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
-            "architecture": dataclasses.asdict(self.arch), "fractions": list(self.config.fractions),
+            "architecture": self.arch.as_dict(), "fractions": list(self.config.fractions),
             "seeds": list(self.config.seeds), "min_train": self.config.min_train, "task": self.task}
 
   def encoder_variables(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
-    """The ResNet's {"params", "batch_stats"} of an encoder (read once per job)."""
+    """The image encoder's {"params", "batch_stats"} of an encoder (read once per job)."""
     if encoder.spec not in self._variables:
       self._variables[encoder.spec] = transfer_encoders.load_encoder(encoder, self.arch, self.config)
     return self._variables[encoder.spec]
@@ -310,7 +308,7 @@ class _Job:
     settings = {"encoder": encoder.spec, "encoder_step": encoder.step,
                 "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
                 "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
-                "architecture": dataclasses.asdict(self.arch), "retrieval": retrieval_set.identity,
+                "architecture": self.arch.as_dict(), "retrieval": retrieval_set.identity,
                 "k": list(self.config.retrieval.k)}
 
     def compute():

@@ -214,14 +214,16 @@ def test_the_fine_tuning_step_augments_on_the_device_as_the_host_fed_step_would(
   import multiprocess_worker as tiny  # pylint: disable=g-import-not-at-top
   from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
   from convirt_jax.models.classifier import ImageClassifier  # pylint: disable=g-import-not-at-top
-  from convirt_jax.models.resnet import ResNet  # pylint: disable=g-import-not-at-top
+  from convirt_jax.models import registry  # pylint: disable=g-import-not-at-top
   from convirt_jax.training import classifier_steps  # pylint: disable=g-import-not-at-top
   from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config(**{"data.stored_size": 32})
   size = config.data.image_size
   spec = augment.TrainAugment.from_config(config.augment, size)
-  classifier = ImageClassifier(encoder=ResNet(depth=18, width=0.125, small_stem=True,
-                                              axis_name=parallel.DATA_AXIS), num_outputs=3)
+  encoder, features_dim = registry.build_image_encoder(
+      registry.ImageArch("resnet", (("depth", 18), ("width", 0.125), ("small_stem", True))),
+      axis_name=parallel.DATA_AXIS)
+  classifier = ImageClassifier(encoder=encoder, features_dim=features_dim, num_outputs=3)
   variables = classifier.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.uint8))
   optimizer = optax.adam(1e-3)
   batch = _device_batch(config)

@@ -27,6 +27,7 @@ from convirt_jax.errors import CheckpointError, ConfigError, DataError
 from convirt_jax.evaluate import finetune, linear_probe, zeroshot
 from convirt_jax.interop.torchvision_resnet import save_torchvision_resnet
 from convirt_jax.models.bert import BertConfig
+from convirt_jax.models import registry
 from convirt_jax.models.convirt import build_model
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints, classifier_steps
@@ -135,7 +136,8 @@ def dataset(job):
 
 
 def arch():
-  return transfer_encoders.Architecture(depth=18, width=0.25, small_stem=False, image_size=32)
+  image = registry.ImageArch("resnet", (("depth", 18), ("width", 0.25), ("small_stem", False)))
+  return transfer_encoders.Architecture(image, image_size=32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_classification_losses_match_numpy():
 def test_finetune_step_8_devices_equals_1_device(job):
   _, config, _, _ = job
   model = transfer_job.classifier_model(config, arch(), LABELS)
-  variables = finetune.classifier_variables(model, transfer_encoders.random_resnet_variables(arch(), 3), 0)
+  variables = finetune.classifier_variables(model, registry.random_variables(arch().image, 32, 3), 0)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, size=(16, LABELS)).astype(np.float32)
   labels[rng.random(labels.shape) < 0.2] = np.nan
@@ -277,7 +279,7 @@ def test_interrupted_finetuning_resumes_exactly(job, dataset, root, monkeypatch)
   config.data.augment_on = "device"
   model = transfer_job.classifier_model(config, arch(), LABELS)
   mesh = parallel.make_mesh()
-  encoder = transfer_encoders.random_resnet_variables(arch(), 5)
+  encoder = registry.random_variables(arch().image, 32, 5)
   train_labels = transfer_job._split_labels(dataset.sources["train"])
   subset = finetune.training_subsets(train_labels, dataset.label_names, (0.5,), (7,), 10)[(0.5, 7)]
 
@@ -414,7 +416,7 @@ def test_loading_each_encoder_kind(convirt_dir, root, caplog):
   assert encoder.step == 3
   assert "using the latest" in caplog.text
   # torchvision weights written as a file; random weights: deterministic, torchvision's initialisation.
-  weights = transfer_encoders.random_resnet_variables(arch(), 11)
+  weights = registry.random_variables(arch().image, 32, 11)
   path = os.path.join(root, "resnet18.safetensors")
   save_torchvision_resnet(weights, path)
   config.encoders, config.imagenet_weights = ("imagenet", "random"), path

@@ -40,7 +40,6 @@ from convirt_jax.errors import ConfigError, TrainingDiverged
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe
 from convirt_jax.models.classifier import ImageClassifier
-from convirt_jax.models.resnet import resnet_features_dim
 from convirt_jax.training import checkpoints
 from convirt_jax.training import classifier_steps
 from convirt_jax.training import metric_logging
@@ -193,10 +192,9 @@ def head_variables(seed: int, in_features: int, num_outputs: int) -> dict[str, n
 
 def classifier_variables(model: ImageClassifier, encoder: Mapping[str, Any],
                          seed: int) -> dict[str, Any]:
-  """The classifier's {"params", "batch_stats"}: the encoder's ResNet and a head drawn from `seed`."""
-  in_features = resnet_features_dim(model.encoder.depth, model.encoder.width)
+  """The classifier's {"params", "batch_stats"}: the encoder's and a head drawn from `seed`."""
   return {"params": {"image": encoder["params"],
-                     "classifier": head_variables(seed, in_features, model.num_outputs)},
+                     "classifier": head_variables(seed, model.features_dim, model.num_outputs)},
           "batch_stats": {"image": encoder["batch_stats"]}}
 
 
@@ -220,7 +218,7 @@ class Finetuner:
   """Runs fine-tuning runs that share one model, optimizer and compiled steps.
 
   Args:
-    model: the ImageClassifier (its ResNet built with axis_name=parallel.DATA_AXIS).
+    model: the ImageClassifier (its encoder built with axis_name=parallel.DATA_AXIS).
     config: the transfer config (finetune.*, augment, data.image_size, eval.batch_size, data threads).
     task: "binary" | "multilabel" | "multiclass".
     label_names: the data set's labels.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
-from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet
+from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet, base_channels
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 
@@ -287,3 +287,43 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
   if not Path(init_from).is_file():
     raise WeightsNotFound(f"model.image.init_from={init_from!r}: no such file")
   return load_torchvision_resnet(init_from, depth, width, small_stem)
+
+
+# --- The image encoder registry's interface (`convirt_jax.models.registry`) ----------------------------
+
+
+def load_torchvision(init_from: str, arch: Mapping[str, Any]) -> Variables:
+  return load_imagenet_resnet(init_from, arch["depth"], arch["width"], arch["small_stem"])
+
+
+def save_torchvision(variables: Variables, path: str | os.PathLike) -> None:
+  save_torchvision_resnet(variables, path)
+
+
+def torch_builder(arch: Mapping[str, Any]) -> tuple[str, str]:
+  """("resnet", the torch lines that build the architecture with torchvision, fc an Identity)."""
+  depth, base, small_stem = arch["depth"], base_channels(arch["width"]), arch["small_stem"]
+  if arch["width"] == 1.0 and not small_stem:
+    return "resnet", f"resnet = torchvision.models.resnet{depth}()\nresnet.fc = torch.nn.Identity()"
+  # Not a torchvision preset: the same ResNet class with convirt_jax's widths and stem.
+  block, layers = {18: ("BasicBlock", [2, 2, 2, 2]), 34: ("BasicBlock", [3, 4, 6, 3]),
+                   50: ("Bottleneck", [3, 4, 6, 3]), 101: ("Bottleneck", [3, 4, 23, 3])}[depth]
+  stem = ("torch.nn.Conv2d(3, base, 3, 1, 1, bias=False)" if small_stem
+          else "torch.nn.Conv2d(3, base, 7, 2, 3, bias=False)")
+  lines = [
+      f"# ResNet{depth} with {base} base channels"
+      + (" and a 3x3 stride-1 stem without max-pool" if small_stem else ""),
+      "from torchvision.models.resnet import ResNet, BasicBlock, Bottleneck",
+      f"resnet, base = ResNet({block}, {layers}), {base}",
+      f"resnet.inplanes, resnet.conv1, resnet.bn1 = base, {stem}, torch.nn.BatchNorm2d(base)",
+  ]
+  if small_stem:
+    lines.append("resnet.maxpool = torch.nn.Identity()")
+  lines += [
+      f"resnet.layer1 = resnet._make_layer({block}, base, {layers[0]})",
+      f"resnet.layer2 = resnet._make_layer({block}, base * 2, {layers[1]}, stride=2)",
+      f"resnet.layer3 = resnet._make_layer({block}, base * 4, {layers[2]}, stride=2)",
+      f"resnet.layer4 = resnet._make_layer({block}, base * 8, {layers[3]}, stride=2)",
+      "resnet.fc = torch.nn.Identity()",
+  ]
+  return "resnet", "\n".join(lines)

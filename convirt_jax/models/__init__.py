@@ -1,7 +1,19 @@
-"""The encoders (torchvision-exact ResNet, Hugging Face-exact BERT) and ConVIRT's dual encoder."""
-from convirt_jax.models.bert import BertConfig, BertEncoder, pool_text
-from convirt_jax.models.convirt import ConVIRTModel, ProjectionHead, build_model
-from convirt_jax.models.resnet import ResNet, resnet_features_dim
+"""The encoders (torchvision-exact ResNet, Hugging Face-exact BERT; image encoders by name in
+`models.registry`) and ConVIRT's dual encoder.
 
-__all__ = ["BertConfig", "BertEncoder", "ConVIRTModel", "ProjectionHead", "ResNet", "build_model",
-           "pool_text", "resnet_features_dim"]
+Imports are lazy so that the configs can read the registry without importing jax.
+"""
+import importlib
+
+_EXPORTS = {
+    "BertConfig": "bert", "BertEncoder": "bert", "pool_text": "bert",
+    "ConVIRTModel": "convirt", "ProjectionHead": "convirt", "build_model": "convirt",
+    "ResNet": "resnet", "resnet_features_dim": "resnet",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

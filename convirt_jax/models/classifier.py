@@ -4,18 +4,20 @@ import jax
 import jax.numpy as jnp
 
 from convirt_jax.models.convirt import normalize_images, torch_linear_bias_init, torch_linear_kernel_init
-from convirt_jax.models.resnet import ResNet, resnet_features_dim
 
 
 class ImageClassifier(nn.Module):
-  """uint8 NHWC images -> logits [N, num_outputs]: the ResNet ("image", the ConVIRT group's name and
-  layout, so encoder weights load unchanged) and a linear head ("classifier", torch.nn.Linear's init)."""
-  encoder: ResNet
+  """uint8 NHWC images -> logits [N, num_outputs]: the image encoder ("image", the ConVIRT group's name
+  and layout, so encoder weights load unchanged) and a linear head ("classifier", torch.nn.Linear's init).
+
+  `encoder` and `features_dim` are what `registry.build_image_encoder` returns."""
+  encoder: nn.Module
+  features_dim: int
   num_outputs: int
 
   def setup(self):
     self.image = self.encoder.clone(parent=self, name="image")
-    fan_in = resnet_features_dim(self.encoder.depth, self.encoder.width)
+    fan_in = self.features_dim
     self.classifier = nn.Dense(
         self.num_outputs, param_dtype=jnp.float32,
         kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))

@@ -1,4 +1,5 @@
-"""ConVIRT's dual encoder: ResNet on images, BERT on report text, each with a nonlinear projection head.
+"""ConVIRT's dual encoder: an image encoder (ResNet50 in the paper; any of `models.registry`) on images,
+BERT on report text, each with a nonlinear projection head.
 
 Parameters are grouped as {"image", "text", "image_head", "text_head"}; the train state, the freezing
 rules and weight interop rely on these names. Images come in as uint8 NHWC and are normalised here, so
@@ -14,7 +15,8 @@ import ml_collections
 
 from convirt_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from convirt_jax.models.bert import BertConfig, BertEncoder, pool_text
-from convirt_jax.models.resnet import BATCH_NORM_MODES, ResNet
+from convirt_jax.models import registry
+from convirt_jax.models.resnet import BATCH_NORM_MODES
 
 # The batch contract: what the model takes from a host batch (labels and masks stay on the host).
 INPUT_KEYS = ("image", "input_ids", "attention_mask")
@@ -64,14 +66,15 @@ class ConVIRTModel(nn.Module):
   """Image and text encoders with projection heads to a shared `projection_dim` space.
 
   Attributes:
-    image_encoder: the ResNet (its `axis_name` syncs BatchNorm over the data axis when training).
+    image_encoder: the registered image encoder (`registry.build_image_encoder`; its `axis_name` syncs
+      BatchNorm over the data axis when training).
     text_encoder: the BertEncoder.
     projection_dim: size of the shared embedding space (512 in the paper).
     projection_hidden: hidden width of both projection heads.
     pooling: how token states become one text vector: "max" (paper), "mean" or "cls".
     dtype: computation dtype of the heads (the encoders carry their own).
   """
-  image_encoder: ResNet
+  image_encoder: nn.Module
   text_encoder: BertEncoder
   projection_dim: int = 512
   projection_hidden: int = 512
@@ -86,7 +89,7 @@ class ConVIRTModel(nn.Module):
     self.text_head = ProjectionHead(self.projection_hidden, self.projection_dim, self.dtype)
 
   def encode_images(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """uint8 [N, H, W, 3] -> (pooled ResNet features [N, C], projection [N, projection_dim])."""
+    """uint8 [N, H, W, 3] -> (pooled image features [N, C], projection [N, projection_dim])."""
     features = self.image(normalize_images(images), train=train)
     return features, self.image_head(features)
 
@@ -126,11 +129,18 @@ def compute_dtype(precision: str, platform: str | None = None) -> Any:
   return PRECISIONS[resolve_precision(precision, platform)]
 
 
+def image_variables(variables: dict[str, Any]) -> dict[str, Any]:
+  """The image encoder's {"params", "batch_stats"} of a ConVIRT variables tree (empty statistics for an
+  encoder without BatchNorm, whose tree then has no "image" statistics at all)."""
+  return {"params": variables["params"]["image"],
+          "batch_stats": variables.get("batch_stats", {}).get("image", {})}
+
+
 def build_model(config: ml_collections.ConfigDict, text_config: BertConfig,
                 axis_name: str | None = None) -> ConVIRTModel:
   """The model described by `config.model`, `config.train.precision` and `config.train.remat`.
 
-  Reads model.image.{depth, width, small_stem, batch_norm}, model.text.pooling,
+  Reads model.image (the registered encoder's fields and batch_norm), model.text.pooling,
   model.projection_{dim, hidden}, train.precision (the activation dtype of both encoders and the heads,
   "auto" resolved on the default backend; parameters, BatchNorm statistics, LayerNorms, softmaxes and
   the returned embeddings stay float32) and train.remat (per residual block and per BERT layer).
@@ -144,10 +154,11 @@ def build_model(config: ml_collections.ConfigDict, text_config: BertConfig,
   if image.batch_norm not in BATCH_NORM_MODES:
     raise ValueError(f"model.image.batch_norm={image.batch_norm!r}: choose one of {list(BATCH_NORM_MODES)}")
   remat = bool(config.train.remat)
+  image_encoder, _ = registry.build_image_encoder(
+      registry.arch_from_config(image), axis_name=axis_name, dtype=dtype, remat=remat,
+      batch_norm=image.batch_norm)
   return ConVIRTModel(
-      image_encoder=ResNet(depth=image.depth, width=image.width, small_stem=image.small_stem,
-                           axis_name=axis_name, dtype=dtype, remat=remat,
-                           batch_norm=image.batch_norm),
+      image_encoder=image_encoder,
       text_encoder=BertEncoder(text_config, dtype=dtype, remat=remat),
       projection_dim=config.model.projection_dim,
       projection_hidden=config.model.projection_hidden,

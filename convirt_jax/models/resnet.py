@@ -5,11 +5,15 @@ bottleneck sits on its 3x3 conv), so weights port both ways exactly (see
 `convirt_jax.interop.torchvision_resnet`). Submodule names mirror torchvision's keys: `layer1_0/conv1`
 is `layer1.0.conv1`, `layer1_0/downsample_conv` is `layer1.0.downsample.0`.
 """
+import math
+from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from convirt_jax.errors import ConfigError
 
@@ -225,3 +229,53 @@ class ResNet(nn.Module):
         x = block_cls(base * 2**stage, strides, self.axis_name, self.dtype, frozen,
                       name=f"layer{stage + 1}_{block}")(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+# --- The image encoder registry's interface (`convirt_jax.models.registry`) ----------------------------
+
+ARCH_KEYS = {"depth": int, "width": float, "small_stem": bool}
+
+
+def build(arch: Mapping[str, Any], *, axis_name: str | None, dtype: Any, remat: bool,
+          batch_norm: str) -> tuple[ResNet, int]:
+  module = ResNet(depth=arch["depth"], width=arch["width"], small_stem=arch["small_stem"],
+                  axis_name=axis_name, dtype=dtype or jnp.float32, remat=remat, batch_norm=batch_norm)
+  return module, resnet_features_dim(arch["depth"], arch["width"])
+
+
+def title(arch: Mapping[str, Any]) -> str:
+  return f"ResNet{arch['depth']}"
+
+
+def describe(arch: Mapping[str, Any]) -> str:
+  return f"ResNet{arch['depth']} (width {arch['width']:g}{', small stem' if arch['small_stem'] else ''})"
+
+
+def random_variables(arch: Mapping[str, Any], image_size: int, seed: int) -> dict[str, Any]:
+  """torchvision's ResNet initialisation drawn with numpy from `seed`: convolutions kaiming-normal
+  (fan_out, ReLU gain: N(0, 2 / (k * k * out))), BatchNorm scale 1 / bias 0, running mean 0 / var 1.
+
+  The distribution `ResNet.init` draws from, without compiling the network's forward pass (seconds to
+  minutes on a CPU) for weights that are only a baseline.
+  """
+  model = ResNet(depth=arch["depth"], width=arch["width"], small_stem=arch["small_stem"])
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for collection in ("params", "batch_stats"):
+    flat = flax.traverse_util.flatten_dict(shapes[collection])
+    values = {}
+    for path in sorted(flat):
+      shape, leaf = flat[path].shape, path[-1]
+      if leaf == "kernel":
+        fan_out = math.prod(shape[:-2]) * shape[-1]
+        values[path] = rng.normal(0.0, math.sqrt(2.0 / fan_out), shape).astype(np.float32)
+      elif leaf in ("scale", "var"):
+        values[path] = np.ones(shape, np.float32)
+      elif leaf in ("bias", "mean"):
+        values[path] = np.zeros(shape, np.float32)
+      else:
+        raise ValueError(f"unexpected ResNet variable {collection}/{'/'.join(path)}")
+    out[collection] = flax.traverse_util.unflatten_dict(values)
+  return out

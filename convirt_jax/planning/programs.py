@@ -181,15 +181,14 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   from convirt_jax.data import device_augment  # pylint: disable=g-import-not-at-top
   from convirt_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
   from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from convirt_jax.models import registry  # pylint: disable=g-import-not-at-top
   from convirt_jax.transfer_encoders import Architecture  # pylint: disable=g-import-not-at-top
   batch = global_batch(config, "transfer")
   try:
     parallel.local_batch_size(batch, mesh)
   except ConfigError as e:
     raise ConfigError(f"config.finetune.batch_size: {e}") from None  # as the transfer job says it
-  image = config.model.image
-  arch = Architecture(int(image.depth), float(image.width), bool(image.small_stem),
-                      int(config.data.image_size))
+  arch = Architecture(registry.arch_from_config(config.model.image), int(config.data.image_size))
   labels = num_labels(config)
   model = transfer_job.classifier_model(config, arch, labels)
   task = "multiclass" if config.data.task == "multiclass" else "multilabel"

@@ -68,8 +68,9 @@ def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh,
   """shard_map((params, batch_stats, rng, step, batch) -> (grads, batch_stats, loss)), all replicated;
   `batch` {"image", "labels"} (+ "extent": augmented first with `augment`, `device_augment.in_step`)."""
   axis = parallel.DATA_AXIS
-  if model.encoder.axis_name != axis:
-    raise ValueError(f"the classifier step needs the ResNet built with axis_name={axis!r} so that "
+  # An encoder without batch statistics (no `axis_name` field) has nothing to synchronise.
+  if getattr(model.encoder, "axis_name", axis) != axis:
+    raise ValueError(f"the classifier step needs the image encoder built with axis_name={axis!r} so that "
                      f"BatchNorm statistics are synchronised; it has {model.encoder.axis_name!r}")
 
   def per_device(params, batch_stats, rng, step, batch):

@@ -172,7 +172,8 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
   train.microbatch_size > 0 computes the same gradient in micro-batches (`micro_batched_gradient`).
   """
   axis = parallel.DATA_AXIS
-  if model.image_encoder.axis_name != axis:
+  # An encoder without batch statistics (no `axis_name` field) has nothing to synchronise.
+  if getattr(model.image_encoder, "axis_name", axis) != axis:
     raise ValueError(f"the train step needs the model built with axis_name={axis!r} so that "
                      f"BatchNorm statistics are synchronised; it has {model.image_encoder.axis_name!r}")
   frozen_layers = config.model.text.frozen_layers
