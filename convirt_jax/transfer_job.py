@@ -27,6 +27,7 @@ from convirt_jax import parallel
 from convirt_jax import storage
 from convirt_jax import transfer_config
 from convirt_jax import transfer_encoders
+from convirt_jax.api import ConVIRT
 from convirt_jax.data import datasets, registry
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import chexpert_retrieval
@@ -226,6 +227,7 @@ class _Job:
     self.subsets, self.model, self.arch, self.encoders = subsets, model, arch, encoders
     self.results: dict[str, Any] = {}
     self._variables: dict[str, dict[str, Any]] = {}
+    self._convirt: dict[str, ConVIRT] = {}
 
   def identity(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
     """What an encoder's results depend on besides the protocol's own settings."""
@@ -234,6 +236,12 @@ class _Job:
             "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
             "architecture": self.arch.as_dict(), "fractions": list(self.config.fractions),
             "seeds": list(self.config.seeds), "min_train": self.config.min_train, "task": self.task}
+
+  def convirt(self, encoder: transfer_encoders.Encoder) -> ConVIRT:
+    """The whole pretrained model of a ConVIRT encoder (both towers and heads; loaded once per job)."""
+    if encoder.spec not in self._convirt:
+      self._convirt[encoder.spec] = ConVIRT.load(encoder.path, encoder.step)
+    return self._convirt[encoder.spec]
 
   def encoder_variables(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
     """The image encoder's {"params", "batch_stats"} of an encoder (read once per job)."""
@@ -292,9 +300,8 @@ class _Job:
                         lambda: self._zeroshot(encoder, prompts, unprompted))
 
   def _zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
-    from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
     metric_logging.announce(f"Zero-shot protocol: {encoder.name}...")
-    convirt = ConVIRT.load(encoder.path, encoder.step)
+    convirt = self.convirt(encoder)
     embedder = features_lib.Embedder(convirt.model, convirt.variables, self.mesh)
     test = embedder.split(self.dataset.sources["test"], None, self.config, with_text=False)
     class_emb = zeroshot.class_embeddings(prompts, convirt.encode_texts)
@@ -313,8 +320,9 @@ class _Job:
 
     def compute():
       metric_logging.announce(f"Retrieval protocol: {encoder.name}...")
-      return chexpert_retrieval.evaluate_encoder(encoder, self.encoder_variables(encoder), self.model,
-                                                 retrieval_set, self.config, self.mesh)
+      return chexpert_retrieval.evaluate_encoder(
+          self.encoder_variables(encoder), self.model, retrieval_set, self.config, self.mesh,
+          convirt=self.convirt(encoder) if encoder.is_convirt else None)
     return self._cached("retrieval", encoder, settings, compute)
 
   def finetune_all(self) -> bool:

@@ -250,16 +250,15 @@ def score(retrieval_set: RetrievalSet, ks: Sequence[int], candidate_features: np
   return out
 
 
-def evaluate_encoder(encoder, encoder_variables: dict[str, Any], classifier, retrieval_set: RetrievalSet,
-                     config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
-  """The protocol for one encoder (`transfer_encoders.Encoder`): a ConVIRT encoder is embedded by its own
-  model (pooled features and projections, and its text tower for the text queries); another by the
-  transfer job's `classifier` (an `ImageClassifier` of the same ResNet; its pooled features)."""
+def evaluate_encoder(encoder_variables: dict[str, Any], classifier, retrieval_set: RetrievalSet,
+                     config: ml_collections.ConfigDict, mesh, convirt=None) -> dict[str, Any]:
+  """The protocol for one encoder: a ConVIRT encoder (`convirt`, its loaded `convirt_jax.ConVIRT`) is
+  embedded by its own model (pooled features and projections, and its text tower for the text queries);
+  another by the transfer job's `classifier` (an `ImageClassifier` of the same image encoder, with
+  `encoder_variables`; its pooled features)."""
   ks = tuple(int(k) for k in config.retrieval.k)
   candidates, queries = retrieval_set.records("candidates"), retrieval_set.records("queries")
-  if encoder.is_convirt:
-    from convirt_jax.api import ConVIRT  # pylint: disable=g-import-not-at-top
-    convirt = ConVIRT.load(encoder.path, encoder.step)
+  if convirt is not None:
     embedder = features_lib.Embedder(convirt.model, convirt.variables, mesh)
     cand = embedder.split(candidates, None, config, with_text=False)
     query = embedder.split(queries, None, config, with_text=False)
