@@ -1,4 +1,5 @@
-"""Pretrains ConVIRT, evaluates it and writes everything into the workdir (the job is `pretrain.run`).
+"""Pretrains ConVIRT, evaluates it and writes everything into the workdir (the job is
+`convirt_jax.jobs.pretrain.run`).
 
   python -m convirt_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m convirt_jax.main --config=configs/mimic.py --workdir=runs/mimic --config.data.dir=/data/mimic
@@ -20,13 +21,8 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
-def run(config, workdir: str):
-  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top  (--help and errors stay instant)
-  return pretrain.run(config, workdir)
-
-
 def main(argv):
-  cli.run_job(argv, run, _CONFIG, _WORKDIR.value, configs_dir="configs/")
+  cli.run_job(argv, "pretrain", _CONFIG, _WORKDIR.value, configs_dir="configs/")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@
 
 Any config value can be overridden with --config.KEY=VALUE (see convirt_jax/transfer_config.py). Running
 the same command again in the same workdir skips what is finished and resumes an interrupted fine-tuning
-run from its last checkpoint. The job itself is in `transfer_job` (imported on use, so that --help and
-flag errors are instant); the encoders are loaded by `transfer_encoders`.
+run from its last checkpoint. The job itself is `convirt_jax.jobs.transfer.run` (imported on use, so
+that --help and flag errors are instant); the encoders are loaded by `jobs.transfer_encoders`.
 """
-from typing import Any
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -24,14 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results, fine
 flags.mark_flags_as_required(["config"])
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  """Runs the transfer job of `config` (a `transfer_config()`) in `workdir`; returns the results."""
-  from convirt_jax import transfer_job  # pylint: disable=g-import-not-at-top
-  return transfer_job.run(config, workdir)
-
-
 def main(argv):
-  cli.run_job(argv, run, _CONFIG, _WORKDIR.value, configs_dir="configs/transfer/",
+  cli.run_job(argv, "transfer", _CONFIG, _WORKDIR.value, configs_dir="configs/transfer/",
               workdir_prefix="transfer_")
 
 

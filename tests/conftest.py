@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory, tiny_tfds_dir):
   """(workdir, results) of one finished tiny pretraining run (6 steps, warm-up + cosine, every
   evaluation), shared by the tests that only read a finished run (test_main, test_api_export): they
   must not write into it."""
-  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from convirt_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
   import tiny_config  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   results = pretrain.run(tiny_config.cosine(tiny_tfds_dir), workdir)

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from convirt_jax import ConVIRT, export
+from convirt_jax import ConVIRT
+from convirt_jax.jobs import export
 from convirt_jax.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

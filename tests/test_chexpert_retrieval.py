@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from convirt_jax import transfer_job
+from convirt_jax.jobs import transfer as transfer_job
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import chexpert_retrieval
 from convirt_jax.evaluate import retrieval

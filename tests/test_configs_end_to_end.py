@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 
 from convirt_jax import config as config_lib
-from convirt_jax import pretrain
+from convirt_jax.jobs import pretrain
 from convirt_jax.training import checkpoints
 import test_builders  # its fake MIMIC-CXR-JPG tree in the official layout
 

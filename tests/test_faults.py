@@ -346,7 +346,7 @@ def test_when_no_step_reads_back_the_error_names_them_all(tmp_path):
 
 def test_a_run_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, tfds_dir):
   """Every step's meta truncated: pretrain.run stops before the data build and names the steps."""
-  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from convirt_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
   config = _config(tfds_dir)
   _save_steps(tmp_path, [2, 4], meta=lambda step: {"config": config.to_dict(), "step": step})
   for step in (2, 4):
@@ -424,7 +424,7 @@ class _PastTheLock(Exception):
 def test_a_second_job_on_a_locked_workdir_refuses_and_a_killed_holder_leaves_no_stale_lock(
     tmp_path, tfds_dir, monkeypatch):
   import socket  # pylint: disable=g-import-not-at-top
-  from convirt_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from convirt_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "shared"
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=REPO,

@@ -9,7 +9,9 @@ import pytest
 
 import tiny_config
 from convirt_jax import config as config_lib
-from convirt_jax import export, pretrain, transfer_config, transfer_job
+from convirt_jax import transfer_config
+from convirt_jax.jobs import export, pretrain
+from convirt_jax.jobs import transfer as transfer_job
 from convirt_jax.api import ConVIRT
 from convirt_jax.errors import ConfigError
 from convirt_jax.models import registry

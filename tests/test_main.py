@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from convirt_jax import pretrain
+from convirt_jax.jobs import pretrain
 from convirt_jax.data import augment
 from convirt_jax.training import checkpoints
 from convirt_jax.training import steps as steps_lib

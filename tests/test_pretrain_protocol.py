@@ -2,7 +2,7 @@
 import pytest
 
 from convirt_jax import config as config_lib
-from convirt_jax import pretrain
+from convirt_jax.jobs import pretrain
 from convirt_jax.errors import ConfigError
 
 

@@ -16,7 +16,9 @@ from etils import epath
 
 import fake_gcs
 import tiny_config
-from convirt_jax import ConVIRT, pretrain, storage, transfer_job
+from convirt_jax import ConVIRT, storage
+from convirt_jax.jobs import pretrain
+from convirt_jax.jobs import transfer as transfer_job
 from convirt_jax.errors import ConfigError
 from convirt_jax.training import checkpoints
 from convirt_jax.training import steps as steps_lib

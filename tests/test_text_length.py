@@ -6,7 +6,7 @@ import os
 import pytest
 
 from convirt_jax import config as config_lib
-from convirt_jax import pretrain
+from convirt_jax.jobs import pretrain
 from convirt_jax import text_length
 from convirt_jax.errors import ConfigError
 from convirt_jax.tokenizer import Tokenizer

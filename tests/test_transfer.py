@@ -21,7 +21,8 @@ import optax
 import pytest
 
 import tiny_config
-from convirt_jax import parallel, transfer_encoders
+from convirt_jax import parallel
+from convirt_jax.jobs import transfer_encoders
 from convirt_jax.data import datasets
 from convirt_jax.errors import CheckpointError, ConfigError, DataError
 from convirt_jax.evaluate import finetune, linear_probe, zeroshot
@@ -32,7 +33,7 @@ from convirt_jax.models.convirt import build_model
 from convirt_jax.tokenizer import Tokenizer
 from convirt_jax.training import checkpoints, classifier_steps
 from convirt_jax.training import state as state_lib
-from convirt_jax import transfer_job
+from convirt_jax.jobs import transfer as transfer_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5

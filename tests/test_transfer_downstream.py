@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from convirt_jax import transfer_job
+from convirt_jax.jobs import transfer as transfer_job
 import test_downstream_builders as trees  # fake downloads in the official layouts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/

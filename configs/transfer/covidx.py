@@ -19,7 +19,7 @@ Zero-shot (not in the paper) needs --config.zeroshot.prompts for all three class
 Hyperparameters are transfer_config's; where the paper's appendix could not be checked offline they are
 marked "assumed" there and here. The linear protocol fits the same linear model as the paper's (a softmax
 layer on frozen pooled features) to its optimum by L-BFGS, the L2 strength picked on validation
-(`transfer_job._Job.linear` says why), rather than by Adam for a number of epochs.
+(`jobs.transfer._Job.linear` says why), rather than by Adam for a number of epochs.
 """
 from convirt_jax.transfer_config import paper_protocol
 

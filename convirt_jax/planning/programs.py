@@ -3,7 +3,7 @@
   pretraining  `training.steps.make_train_step` of `models.convirt.build_model` (train.*: remat,
                micro-batches), state from `training.state.init_train_state`, Adam from `make_optimizer`
   transfer     the fine-tuning step `training.classifier_steps.make_train_step` of the transfer job's
-               classifier (`transfer_job.classifier_model`), with `finetune.compiled_steps`'s Adam
+               classifier (`jobs.transfer.classifier_model`), with `finetune.compiled_steps`'s Adam
 Both are jitted with the jobs' shardings (state replicated and donated, batch sharded over "data") on
 the mesh they are given. Nothing is initialised: `jax.eval_shape` gives the state's shapes.
 
@@ -177,12 +177,12 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   """The transfer job's fine-tuning step on `mesh`, for config.model.image at data.image_size (the
   architecture the job uses when no ConVIRT workdir is among the encoders)."""
   from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
-  from convirt_jax import transfer_job  # pylint: disable=g-import-not-at-top
+  from convirt_jax.jobs import transfer as transfer_job  # pylint: disable=g-import-not-at-top
   from convirt_jax.data import device_augment  # pylint: disable=g-import-not-at-top
   from convirt_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
   from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from convirt_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from convirt_jax.transfer_encoders import Architecture  # pylint: disable=g-import-not-at-top
+  from convirt_jax.jobs.transfer_encoders import Architecture  # pylint: disable=g-import-not-at-top
   batch = global_batch(config, "transfer")
   try:
     parallel.local_batch_size(batch, mesh)

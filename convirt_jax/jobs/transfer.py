@@ -26,7 +26,7 @@ import numpy as np
 from convirt_jax import parallel
 from convirt_jax import storage
 from convirt_jax import transfer_config
-from convirt_jax import transfer_encoders
+from convirt_jax.jobs import transfer_encoders
 from convirt_jax.api import ConVIRT
 from convirt_jax.data import datasets, registry
 from convirt_jax.errors import ConfigError, DataError

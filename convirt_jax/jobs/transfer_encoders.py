@@ -28,7 +28,7 @@ from convirt_jax.training import checkpoints
 
 CONVIRT, IMAGENET, RANDOM = "convirt", "imagenet", "random"
 ROW_NAMES = {IMAGENET: "ImageNet Init.", RANDOM: "Random Init."}
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pretrain_command(path: str) -> str:
