@@ -62,7 +62,7 @@ def random_variables(arch, image_size, seed):
                               "bias": np.zeros((f,), np.float32)}}, "batch_stats": {}}
 
 
-def load_torchvision(init_from, arch):
+def load_torchvision(init_from, arch, image_size):
   raise ConfigError(f"model.image.init_from={init_from!r}: the toy encoder has no torchvision weights")
 
 
@@ -78,7 +78,7 @@ def save_torchvision(variables, path):
     torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, str(path))
 
 
-def torch_builder(arch):
+def torch_builder(arch, image_size):
   f = features(arch)
   return "toy", (f"toy = torch.nn.Sequential(torch.nn.Conv2d(3, {f}, 3, 2, 1), torch.nn.ReLU(),\\n"
                  "                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())")
@@ -168,7 +168,7 @@ def test_an_encoder_registered_at_run_time_pretrains_transfers_loads_and_exports
   # What the README builds takes the exported weights strictly.
   torch = pytest.importorskip("torch")
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  name, code = registry.interop(toy_encoder).torch_builder({"width": 0.25})
+  name, code = registry.torch_builder(registry.ImageArch(toy_encoder, (("width", 0.25),)), 32)
   scope = {"torch": torch}
   exec(code, scope)  # pylint: disable=exec-used
   scope[name].load_state_dict(load_file(os.path.join(output, "image_encoder.safetensors")), strict=True)

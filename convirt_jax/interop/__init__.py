@@ -1,4 +1,4 @@
-"""Weights in and out: torchvision ResNets and Hugging Face BertModels, both directions.
+"""Weights in and out: torchvision ResNets and ViTs, Hugging Face BertModels, both directions.
 
 Imports are lazy so that `import convirt_jax` never pulls in torch.
 """
@@ -7,6 +7,8 @@ import importlib
 _EXPORTS = {
     "load_torchvision_resnet": "torchvision_resnet",
     "save_torchvision_resnet": "torchvision_resnet",
+    "load_torchvision_vit": "torchvision_vit",
+    "save_torchvision_vit": "torchvision_vit",
     "load_hf_bert": "hf_bert",
     "save_hf_bert": "hf_bert",
     "resolve_hf_dir": "hf_bert",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convirt_jax.errors import CheckpointError, WeightsNotFound
-from convirt_jax.interop.torchvision_resnet import read_safetensors, read_torch_weights
+from convirt_jax.interop.state_dicts import read_safetensors, read_torch_weights
 from convirt_jax.hub import resolve_hf_dir
 from convirt_jax.models.bert import BertConfig, BertEncoder
 

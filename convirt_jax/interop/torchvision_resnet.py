@@ -7,7 +7,6 @@ model itself (from `jax.eval_shape` of its init), so a checkpoint of another arc
 rather than partly loaded. torch is imported only where a torch file or tensor is involved.
 """
 import os
-import pickle
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
+from convirt_jax.interop import state_dicts
 from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet, base_channels
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -32,9 +32,6 @@ _LEAF_NAMES = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
-_TORCH_SUFFIXES = (".pt", ".pth")
-_SAFETENSORS_SUFFIX = ".safetensors"
-_MAX_KEYS_IN_ERROR = 8
 
 
 def _torch_module_name(flax_module_path: tuple[str, ...]) -> str:
@@ -97,83 +94,7 @@ def torchvision_state_dict(variables: Variables) -> dict[str, np.ndarray]:
 def save_torchvision_resnet(variables: Variables, path: str | os.PathLike) -> None:
   """Writes `variables` as a state dict `torchvision.models.resnetNN()` with `fc = nn.Identity()`
   loads with strict=True; `.safetensors` (no torch needed) or `.pt`/`.pth` by the file's suffix."""
-  path = Path(path)
-  if path.suffix not in (_SAFETENSORS_SUFFIX, *_TORCH_SUFFIXES):
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use a .safetensors, .pt or .pth suffix")
-  state = {k: np.ascontiguousarray(v) for k, v in torchvision_state_dict(variables).items()}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if path.suffix == _SAFETENSORS_SUFFIX:
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    safetensors.numpy.save_file(state, str(path))
-  else:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, path)  # writable copies
-
-
-def _as_numpy(key: str, value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen that first
-    value = value.detach().cpu()
-    if value.is_floating_point() and value.element_size() < 4:
-      value = value.float()
-    return value.numpy()
-  if isinstance(value, (np.ndarray, jax.Array)):
-    return np.asarray(value)
-  raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor or array")
-
-
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
-  if isinstance(source, Mapping):
-    return {k: _as_numpy(k, v) for k, v in source.items()}
-  path = Path(source)
-  if not path.is_file():
-    raise CheckpointError(f"no torchvision ResNet checkpoint at {str(path)!r}")
-  if path.suffix == _SAFETENSORS_SUFFIX:
-    return read_safetensors(path)
-  if path.suffix not in _TORCH_SUFFIXES:
-    raise CheckpointError(f"cannot tell the format of {str(path)!r}: use a .safetensors, .pt or .pth file")
-  loaded = read_torch_weights(path)
-  if not isinstance(loaded, Mapping):
-    raise CheckpointError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict")
-  return {k: _as_numpy(k, v) for k, v in loaded.items()}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The arrays of a .safetensors file; CheckpointError naming the file when it does not read
-  (truncated by an interrupted download or copy, or not a safetensors file)."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  try:
-    return dict(safetensors.numpy.load_file(os.fspath(path)))
-  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError)
-    raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file "
-                          f"({type(e).__name__}: {_first_line(e)}): was its download or copy cut "
-                          "short? Fetch it again") from None
-
-
-def read_torch_weights(path: str | os.PathLike) -> Any:
-  """A torch file read with torch.load(weights_only=True): tensors and plain containers only, never code.
-
-  A pickle that names anything else (a function to call, a class to build: what a crafted file
-  would run on load) is refused with the reason, as is a truncated file; both as a CheckpointError
-  naming the file.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", str(e))
-    reason = detail[1].strip() if detail and detail[1].strip() else _first_line(e)
-    raise CheckpointError(
-        f"refused to load {os.fspath(path)!r}: it holds more than tensors ({reason}), and weights are "
-        "only read with torch.load(weights_only=True), which never runs code from a file. Save just "
-        "the state dict of tensors (torch.save(model.state_dict(), path)) or use .safetensors") from None
-  except Exception as e:  # pylint: disable=broad-except  (truncated zip, not a torch file)
-    raise CheckpointError(f"{os.fspath(path)!r} is not a readable torch file ({type(e).__name__}: "
-                          f"{_first_line(e)}): was its download or copy cut short?") from None
-
-
-def _first_line(error: BaseException) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0][:200] if lines else ""
+  state_dicts.save_state_dict(torchvision_state_dict(variables), path)
 
 
 def _abstract_variables(depth: int, width: float, small_stem: bool) -> Variables:
@@ -195,12 +116,6 @@ def _matching_depths(keys: set[str]) -> list[int]:
   return [d for d in SUPPORTED_DEPTHS if set(_expected_layout(d, 1.0, False)) == keys]
 
 
-def _list_keys(keys: list[str]) -> str:
-  shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_IN_ERROR])
-  more = len(keys) - _MAX_KEYS_IN_ERROR
-  return f"{shown} and {more} more" if more > 0 else shown
-
-
 def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                             depth: int = 50, width: float = 1.0,
                             small_stem: bool = False) -> Variables:
@@ -219,7 +134,7 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
     CheckpointError (a ValueError): naming the keys the checkpoint lacks or has in excess, or a key
       whose shape differs (with both shapes, in torch layout); or an unreadable / absent file.
   """
-  state = {k: v for k, v in _read_state_dict(path_or_state_dict).items()
+  state = {k: v for k, v in state_dicts.read_state_dict(path_or_state_dict, "torchvision ResNet").items()
            if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")}
   expected = _expected_layout(depth, width, small_stem)
   arch = f"ResNet{depth} (width={width}, small_stem={small_stem})"
@@ -231,9 +146,9 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
   if missing or unexpected:
     problems = []
     if missing:
-      problems.append(f"missing keys {_list_keys(missing)}")
+      problems.append(f"missing keys {state_dicts.list_keys(missing)}")
     if unexpected:
-      problems.append(f"unexpected keys {_list_keys(unexpected)}")
+      problems.append(f"unexpected keys {state_dicts.list_keys(unexpected)}")
     hint = [d for d in _matching_depths(set(state)) if d != depth]
     hint = f"; its keys are those of ResNet{hint[0]}" if hint else ""
     raise CheckpointError(f"{source} does not fit {arch}: {'; '.join(problems)}{hint}")
@@ -244,8 +159,8 @@ def load_torchvision_resnet(path_or_state_dict: str | os.PathLike | Mapping[str,
     if state[key].shape != want:
       wrong.append(f"{key!r} has shape {tuple(state[key].shape)}, {arch} expects {want}")
   if wrong:
-    raise CheckpointError(f"{source} does not fit: " + "; ".join(wrong[:_MAX_KEYS_IN_ERROR]) +
-                     (f"; and {len(wrong) - _MAX_KEYS_IN_ERROR} more" if len(wrong) > _MAX_KEYS_IN_ERROR
+    raise CheckpointError(f"{source} does not fit: " + "; ".join(wrong[:state_dicts.MAX_KEYS_IN_ERROR]) +
+                     (f"; and {len(wrong) - state_dicts.MAX_KEYS_IN_ERROR} more" if len(wrong) > state_dicts.MAX_KEYS_IN_ERROR
                       else ""))
 
   flat = {}
@@ -279,7 +194,7 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
       url = getattr(url, "url", None) or f"torchvision.models.ResNet{depth}_Weights.IMAGENET1K_V1.url"
       raise WeightsNotFound(
           f"could not download torchvision's ImageNet weights for resnet{depth} ({type(e).__name__}: "
-          f"{_first_line(e)}). Without network access, download {url} elsewhere and pass the file: "
+          f"{state_dicts.first_line(e)}). Without network access, download {url} elsewhere and pass the file: "
           "--config.model.image.init_from=/path/to/resnet.pth") from None
     return load_torchvision_resnet(torch_model.state_dict(), depth)
   if not init_from:
@@ -292,7 +207,8 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
 # --- The image encoder registry's interface (`convirt_jax.models.registry`) ----------------------------
 
 
-def load_torchvision(init_from: str, arch: Mapping[str, Any]) -> Variables:
+def load_torchvision(init_from: str, arch: Mapping[str, Any], image_size: int) -> Variables:
+  del image_size  # a ResNet's weights fit every input size
   return load_imagenet_resnet(init_from, arch["depth"], arch["width"], arch["small_stem"])
 
 
@@ -300,8 +216,9 @@ def save_torchvision(variables: Variables, path: str | os.PathLike) -> None:
   save_torchvision_resnet(variables, path)
 
 
-def torch_builder(arch: Mapping[str, Any]) -> tuple[str, str]:
+def torch_builder(arch: Mapping[str, Any], image_size: int) -> tuple[str, str]:
   """("resnet", the torch lines that build the architecture with torchvision, fc an Identity)."""
+  del image_size  # a ResNet takes every input size
   depth, base, small_stem = arch["depth"], base_channels(arch["width"]), arch["small_stem"]
   if arch["width"] == 1.0 and not small_stem:
     return "resnet", f"resnet = torchvision.models.resnet{depth}()\nresnet.fc = torch.nn.Identity()"

@@ -58,9 +58,9 @@ def export(model, output_dir: str, overwrite: bool = False) -> None:
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
   try:
     variables = image_variables(model.variables)
-    image_interop = registry.interop(registry.arch_from_config(model.config.model.image).name)
-    image_interop.save_torchvision(variables, os.path.join(staging, "image_encoder.safetensors"))
-    image_interop.save_torchvision(variables, os.path.join(staging, "image_encoder.pt"))
+    arch = registry.arch_from_config(model.config.model.image)
+    registry.save_torchvision(arch, variables, os.path.join(staging, "image_encoder.safetensors"))
+    registry.save_torchvision(arch, variables, os.path.join(staging, "image_encoder.pt"))
     hf_bert.save_hf_bert(model.text_config, model.variables["params"]["text"],
                          os.path.join(staging, "text_encoder"), tokenizer_from=model.tokenizer)
     safetensors.numpy.save_file(projection_heads_state_dict(model.variables["params"]),
@@ -90,7 +90,7 @@ def _user_file_modes(directory: str) -> None:
 def readme(model) -> str:
   c = model.config
   arch = registry.arch_from_config(c.model.image)
-  encoder, build_encoder = registry.interop(arch.name).torch_builder(dict(arch.options))
+  encoder, build_encoder = registry.torch_builder(arch, c.data.image_size)
   build_encoder = build_encoder.replace("\n", "\n    ")  # the template's indent, which dedent removes
   return textwrap.dedent(f"""\
     # ConVIRT encoders exported from convirt_jax (step {model.step})

@@ -314,8 +314,8 @@ def _pretrained_image(config: ml_collections.ConfigDict):
   image = config.model.image
   if not image.init_from:
     return None
-  arch = registry.arch_from_config(image)
-  return registry.interop(arch.name).load_torchvision(image.init_from, dict(arch.options))
+  return registry.load_torchvision(registry.arch_from_config(image), image.init_from,
+                                  int(config.data.image_size))
 
 
 def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[str, float]:

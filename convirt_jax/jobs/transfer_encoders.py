@@ -162,8 +162,7 @@ def load_encoder(encoder: Encoder, arch: Architecture, config: ml_collections.Co
     return image_variables(variables)
   if encoder.kind == IMAGENET:
     try:
-      variables = registry.interop(arch.image.name).load_torchvision(config.imagenet_weights,
-                                                                      dict(arch.image.options))
+      variables = registry.load_torchvision(arch.image, config.imagenet_weights, arch.image_size)
     except (ConfigError, CheckpointError) as e:
       raise type(e)(f"config.imagenet_weights={config.imagenet_weights!r} for a {arch.describe()}: "
                     f"{e}") from e

@@ -1,16 +1,22 @@
 """The image encoders a config can name (`config.model.image.name`): one registration line each.
 
-An image encoder is two modules, imported by name when first used, each with a fixed interface:
+An image encoder is two modules, imported by name when first used, each with a fixed interface. Each
+function takes `arch`, a mapping of "name" (the registered name: one module can serve several presets)
+and the encoder's ARCH_KEYS fields:
   its model (convirt_jax.models.<...>)
     ARCH_KEYS             {config.model.image field: type}: the fields that define the architecture
     build(arch, *, axis_name, dtype, remat, batch_norm) -> (flax module, width of its pooled features)
-                          the module maps normalised float NHWC images to pooled features [N, C]
+                          the module maps normalised float NHWC images to pooled features [N, C]; one
+                          with BatchNorm has an `axis_name` field (the steps check it), one without has
+                          empty batch statistics
     title(arch), describe(arch)   "ResNet50"; "ResNet50 (width 1)", for tables and errors
     random_variables(arch, image_size, seed)  torchvision's initialisation, drawn with numpy
   its weights interop (convirt_jax.interop.<...>)
-    load_torchvision(init_from, arch)   {"params", "batch_stats"} from a torchvision file (or "torchvision")
+    load_torchvision(init_from, arch, image_size)   {"params", "batch_stats"} from a torchvision file
+                          (or "torchvision": its published weights), fitted to the input size
     save_torchvision(variables, path)   a state dict torchvision's class loads with strict=True
-    torch_builder(arch) -> (variable name, the torch code that builds the module, for the export README)
+    torch_builder(arch, image_size) -> (variable name, the torch code that builds the module, for the
+                          export README)
 A new image encoder is those two modules plus one `register` line below; every other part of the
 project (both jobs, the plan, `ConVIRT.load`, the export) reaches it through `ImageArch` and this file.
 """
@@ -69,11 +75,15 @@ class ImageArch:
     the records of a ResNet run read as they always have)."""
     return ({} if self.name == DEFAULT else {"name": self.name}) | dict(self.options)
 
+  def values(self) -> dict[str, Any]:
+    """What the encoder's functions take as `arch`: the name and the options."""
+    return {"name": self.name, **dict(self.options)}
+
   def title(self) -> str:
-    return model(self.name).title(dict(self.options))
+    return model(self.name).title(self.values())
 
   def describe(self) -> str:
-    return model(self.name).describe(dict(self.options))
+    return model(self.name).describe(self.values())
 
 
 def model(name: str) -> ModuleType:
@@ -101,13 +111,32 @@ def build_image_encoder(arch: ImageArch, *, axis_name: str | None = None, dtype:
   """(the flax module, the width of its pooled features). `axis_name` is the mesh axis that
   training-mode normalisation statistics are averaged over (None outside shard_map); `dtype` the
   activations' (None: float32)."""
-  return model(arch.name).build(dict(arch.options), axis_name=axis_name, dtype=dtype, remat=remat,
+  return model(arch.name).build(arch.values(), axis_name=axis_name, dtype=dtype, remat=remat,
                                 batch_norm=batch_norm)
 
 
 def random_variables(arch: ImageArch, image_size: int, seed: int) -> dict[str, Any]:
   """torchvision's initialisation of the encoder, drawn with numpy from `seed` (nothing compiled)."""
-  return model(arch.name).random_variables(dict(arch.options), image_size, seed)
+  return model(arch.name).random_variables(arch.values(), image_size, seed)
+
+
+def load_torchvision(arch: ImageArch, init_from: str, image_size: int) -> dict[str, Any]:
+  """{"params", "batch_stats"} from torchvision weights (a file, or "torchvision") for `image_size`."""
+  return interop(arch.name).load_torchvision(init_from, arch.values(), image_size)
+
+
+def save_torchvision(arch: ImageArch, variables: dict[str, Any], path) -> None:
+  """The encoder's variables as a torchvision state dict (.safetensors, .pt or .pth by the suffix)."""
+  interop(arch.name).save_torchvision(variables, path)
+
+
+def torch_builder(arch: ImageArch, image_size: int) -> tuple[str, str]:
+  """(variable name, torch code that builds the encoder with torchvision) for the export's README."""
+  return interop(arch.name).torch_builder(arch.values(), image_size)
 
 
 register("resnet", "convirt_jax.models.resnet", "convirt_jax.interop.torchvision_resnet")
+register("vit_b_16", "convirt_jax.models.vit", "convirt_jax.interop.torchvision_vit")
+register("vit_b_32", "convirt_jax.models.vit", "convirt_jax.interop.torchvision_vit")
+register("vit_l_16", "convirt_jax.models.vit", "convirt_jax.interop.torchvision_vit")
+register("vit_tiny", "convirt_jax.models.vit", "convirt_jax.interop.torchvision_vit")
