@@ -6,8 +6,12 @@
 
 `vit_tiny` (`convirt_jax.models.vit`): patch 8, width 192, 4 pre-norm blocks of 3 heads; at 80 px that
 is 100 patches and a class token. Everything else, data and schedule included, is the embedded
-default's, so the two runs compare the encoders alone. The transfer job takes the architecture from the
-workdir.
+default's but the learning rate, so the two runs compare the encoders. The transfer job takes the
+architecture from the workdir.
+
+Learning rate 3e-4 instead of the default's 1e-3 (a choice measured on this corpus, one run each): a
+ViT trained from scratch has no convolutional prior, and at 1e-3 its loss stayed at chance (ln 32 =
+3.47) for the first 350 steps; at 3e-4 it began to fall after about 200.
 """
 import os
 import sys
@@ -19,4 +23,5 @@ from configs import synthetic  # pylint: disable=g-import-not-at-top,wrong-impor
 def get_config():
   c = synthetic.get_config()
   c.model.image.name = "vit_tiny"
+  c.optimizer.lr = 3e-4
   return c

@@ -203,6 +203,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   `parallel.local_batch_size`, and the data checks in `data.datasets`.
   """
   check_keys_and_values(config, base_config(), _CHOICES, _POSITIVE)
+  image_registry.check_image_size(image_registry.arch_from_config(config.model.image), config.data.image_size)
   get = lambda key: _get(config, key)
   check_text_length(config.model.text.max_length)
   if not 0.0 <= config.loss.image_weight <= 1.0:

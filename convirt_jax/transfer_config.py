@@ -68,6 +68,12 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.finetune.keep = 1                 # checkpoints kept besides the best one
   c.finetune.precision = "auto"       # activations: "auto" (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
   c.finetune.log_every_steps = 10
+  # Options for encoders usually fine-tuned otherwise (ViTs: AdamW, warm-up, layer-wise decay, cosine);
+  # the defaults are the paper's recipe above.
+  c.finetune.optimizer = "adam"       # "adam": torch.optim.Adam, L2 decay | "adamw": decoupled decay
+  c.finetune.warmup_steps = 0         # linear warm-up of the learning rate from 0 over N steps
+  c.finetune.schedule = "constant"    # after warm-up: "constant" | "cosine" (to 0 at a run's last step)
+  c.finetune.layer_decay = 1.0        # encoder layer i of n learns at lr * layer_decay ** (n - i); 1 = off
 
   # Zero-shot protocol (not in the paper; ConVIRT encoders only): label -> tuple of prompt sentences.
   # Empty: CheXpert's five competition labels' defaults (evaluate/zeroshot.CHEXPERT_PROMPTS).
@@ -94,6 +100,8 @@ _CHOICES = {
     "model.image.depth": (18, 34, 50, 101),
     "model.image.batch_norm": ("batch", "frozen"),
     "finetune.precision": ("auto", "float32", "bfloat16"),
+    "finetune.optimizer": ("adam", "adamw"),
+    "finetune.schedule": ("constant", "cosine"),
 }
 _POSITIVE = ("model.image.width", "data.image_size", "data.stored_size", "finetune.lr",
              "finetune.batch_size", "finetune.eval_every_steps", "finetune.log_every_steps",
@@ -146,9 +154,11 @@ def validate_transfer(config: ml_collections.ConfigDict) -> None:
   ft = config.finetune
   if ft.epochs <= 0 and ft.max_steps <= 0 and ft.min_steps <= 0:
     raise ConfigError("config.finetune.epochs, min_steps and max_steps are all 0: set one of them")
-  for key in ("weight_decay", "min_steps", "max_steps", "patience", "epochs"):
+  for key in ("weight_decay", "min_steps", "max_steps", "patience", "epochs", "warmup_steps"):
     if ft[key] < 0:
       raise ConfigError(f"config.finetune.{key}={ft[key]!r}: must be >= 0")
+  if not 0 < ft.layer_decay <= 1:
+    raise ConfigError(f"config.finetune.layer_decay={ft.layer_decay!r}: must be in (0, 1] (1: no decay)")
   if ft.max_steps and ft.min_steps > ft.max_steps:
     raise ConfigError(f"config.finetune.min_steps={ft.min_steps} exceeds finetune.max_steps="
                       f"{ft.max_steps}")

@@ -152,6 +152,20 @@ def test_finetuning_step_compiles_for_a_tpu():
   assert row["flops_per_chip"] > 0 and set(row["collectives"]["all-reduce"]["dtypes"]) == {"f32"}
 
 
+@pytest.mark.parametrize("job_name,target_name", [("pretrain", "v5e-4"), ("transfer", "h100x2")])
+def test_a_vit_plans_through_the_encoder_registry(job_name, target_name):
+  config = _pretrain_config() if job_name == "pretrain" else _transfer_config()
+  config.model.image.name = "vit_tiny"
+  if job_name == "transfer":  # the ViT fine-tuning options compile into the step
+    config.finetune.update(optimizer="adamw", layer_decay=0.75, warmup_steps=10, schedule="cosine")
+  target = targets.get(target_name)
+  row = job.Planner(config, job_name, target, None, log=lambda line: None).at(ROWS)
+  assert row["fits"] and row["flops_per_chip"] > 0 and row["memory_bytes"]["state"] > 0
+  assert set(row["collectives"]["all-reduce"]["dtypes"]) == {"f32"}
+  # No BatchNorm: nothing but the gradient (and the loss's metrics) is reduced, in few collectives.
+  assert row["collectives"]["all-reduce"]["count"] <= 8, row["collectives"]
+
+
 def test_max_batch_fits_and_its_double_does_not():
   # On a GPU: the tiny step's memory on a TPU barely grows with the rows (its temporaries are the
   # compiler's workspace), so no small chip would tell the rows apart.

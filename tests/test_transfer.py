@@ -332,6 +332,49 @@ def test_interrupted_finetuning_resumes_exactly(job, dataset, root, monkeypatch)
                        identity={"test": 1}).run(make_run("whole"), encoder)
 
 
+class _Recorder:
+  """A MetricLogger that keeps what it is given."""
+
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, metrics):
+    self.rows.append((step, dict(metrics)))
+
+  def flush(self):
+    pass
+
+
+def test_finetuning_with_adamw_warmup_cosine_and_layer_decay_follows_its_schedule_and_resumes(job, dataset,
+                                                                                                root):
+  _, config, _, _ = job
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.finetune.update(optimizer="adamw", warmup_steps=3, schedule="cosine", layer_decay=0.7,
+                         weight_decay=0.05, log_every_steps=1, eval_every_steps=3, patience=0)
+  model = transfer_job.classifier_model(config, arch(), LABELS)
+  mesh = parallel.make_mesh()
+  encoder = registry.random_variables(arch().image, 32, 5)
+  train_labels = transfer_job._split_labels(dataset.sources["train"])
+  subset = finetune.training_subsets(train_labels, dataset.label_names, (0.5,), (7,), 10)[(0.5, 7)]
+  run = lambda name: finetune.Run("Random", "random", 0.5, 7, subset, 8, os.path.join(root, "recipe", name))
+  logger = _Recorder()
+  make = lambda preempted=None: finetune.Finetuner(model, config, "multilabel", dataset.label_names,
+                                                   dataset.sources, mesh, identity={"test": 2}, logger=logger,
+                                                   preempted=preempted)
+  reference = make().run(run("whole"), encoder)
+  lrs = [m[f"{run('whole').prefix}/train/lr"] for _, m in logger.rows if f"{run('whole').prefix}/train/lr" in m]
+  np.testing.assert_allclose(lrs, finetune.learning_rates(config.finetune.lr, 8, 3, "cosine"), rtol=1e-6)
+  assert lrs[0] == 0 and lrs[3] == pytest.approx(config.finetune.lr) and lrs[-1] < 0.1 * config.finetune.lr
+  assert make(_StopAt(4)).run(run("sigterm"), encoder) is None
+  resumed = make().run(run("sigterm"), encoder)
+  (_, whole), (_, state) = _final_state(run("whole").directory), _final_state(run("sigterm").directory)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(whole["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["test"] == reference["test"]
+  saved = json.load(open(os.path.join(run("whole").directory, finetune.RESULT_FILE)))["settings"]["finetune"]
+  assert saved["optimizer"] == "adamw" and saved["layer_decay"] == 0.7 and saved["schedule"] == "cosine"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Scores.
 

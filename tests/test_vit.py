@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import multiprocess_worker as tiny
+from test_chexpert_retrieval import config_8x200, write_retrieval_tree
 import tiny_config
 from convirt_jax import parallel
 from convirt_jax.api import ConVIRT
@@ -17,6 +18,7 @@ from convirt_jax.interop import torchvision_vit
 from convirt_jax.jobs import export, pretrain
 from convirt_jax.jobs import transfer as transfer_job
 from convirt_jax.models import registry, vit
+from convirt_jax.training import steps as steps_lib
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -159,17 +161,46 @@ def test_remat_and_bfloat16_keep_the_function():
   np.testing.assert_allclose(half, full, atol=0.1 * float(jnp.abs(full).max()))
 
 
-def test_a_tiny_vit_pretrains_transfers_loads_and_exports(tmp_path, tiny_tfds_dir):
+def test_a_tiny_vit_pretrains_transfers_loads_and_exports(tmp_path, tiny_tfds_dir, monkeypatch):
+  # Started from a torchvision file of the same ViT built for 64 px: the run (at 32 px) starts from
+  # exactly its weights, position embeddings interpolated to the 4 x 4 grid.
+  torch.manual_seed(5)
+  torch.save(vision_transformer.VisionTransformer(image_size=64, **vit.preset("vit_tiny")).state_dict(),
+             tmp_path / "vit_tiny.pth")
+  arch = registry.ImageArch("vit_tiny", ())
+  want = registry.load_torchvision(arch, str(tmp_path / "vit_tiny.pth"), 32)
+  assert want["params"]["encoder"]["pos_embedding"].shape == (1, 17, 192)
+  start = {}
+  real_step = steps_lib.make_train_step
+
+  def capture_start(*args, **kwargs):
+    step_fn = real_step(*args, **kwargs)
+
+    def train_step(state, batch):
+      start.setdefault("image", jax.device_get(state["params"]["image"]))  # before the first update
+      return step_fn(state, batch)
+    return train_step
+
+  monkeypatch.setattr(steps_lib, "make_train_step", capture_start)
   workdir = str(tmp_path / "pretrained")
   config = tiny_config.tiny(tiny_tfds_dir, model__image__name="vit_tiny", train__steps=4,
                             eval__every_steps=4, checkpoint__every_steps=4)
+  config.model.image.init_from = str(tmp_path / "vit_tiny.pth")
   results = pretrain.run(config, workdir)
   assert results["run"]["evaluated_step"] == 4
+  _assert_trees_equal(start["image"], want["params"])
+  assert "ImageNet Init." in results["methods"]
   root = str(tmp_path / "transfer")
   transfer = tiny_config.transfer(root, (workdir, "random"))
-  transfer.protocols, transfer.fractions = ("linear", "finetune"), (1.0,)
+  transfer.protocols, transfer.fractions = ("linear", "finetune", "zeroshot"), (1.0,)
   out = transfer_job.run(transfer, os.path.join(root, "job"))
   assert out["run"]["architecture"] == "ViT-Tiny/8 (4 layers, width 192, 3 heads, patch 8) at 32 px"
+  assert set(out["methods"]["ConVIRT"]) == {"linear", "finetune", "zeroshot"}
+  # The 8x200 retrieval (the paper's Table 2) on a fake CheXpert tree.
+  chexpert_dir, sets, _ = write_retrieval_tree(str(tmp_path / "tree"))
+  retrieved = transfer_job.run(config_8x200(chexpert_dir, sets, (workdir,), tmp_path), str(tmp_path / "8x200"))
+  scores = retrieved["methods"]["ConVIRT"]["retrieval"]
+  assert scores["image_to_image"]["n_candidates"] == 24 and 0 <= scores["text_to_image"]["prec@5"] <= 1
   model = ConVIRT.load(workdir)
   images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
   features = model.encode_images(list(images), project=False)
@@ -216,3 +247,29 @@ def test_a_vit_train_step_on_8_devices_equals_1_device_and_micro_batches_equal_t
   micro_config = _vit_config(**{"train.microbatch_size": 1})  # 2 rows per device, one at a time
   micro = tiny.step_results(*tiny.run_steps(micro_config, mesh8, tiny.global_batch(), variables=variables))
   print("ViT, micro-batches of 1 vs plain:", _assert_steps_equal(micro, plain, config.optimizer.lr))
+
+
+def test_an_image_size_the_patches_do_not_tile_is_named_before_anything_runs(tmp_path):
+  from convirt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config()
+  config.model.image.name, config.data.image_size = "vit_b_16", 100
+  with pytest.raises(ConfigError, match=r"config.data.image_size=100: a ViT-B/16 .* patch, 16 \(e.g. 96 or 112\)"):
+    config_lib.validate(config)
+  transfer = tiny_config.transfer(str(tmp_path), ("random",))
+  transfer.model.image.name, transfer.data.image_size = "vit_tiny", 36
+  transfer.protocols = ("linear",)
+  with pytest.raises(ConfigError, match="config.data.image_size=36"):
+    transfer_job.run(transfer, str(tmp_path / "job"))
+  assert not (tmp_path / "job").exists()
+
+
+def test_the_vit_default_config_is_the_embedded_default_with_a_tiny_vit():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+  from configs import synthetic, synthetic_vit  # pylint: disable=g-import-not-at-top
+  from convirt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  ours, base = synthetic_vit.get_config(), synthetic.get_config()
+  config_lib.validate(ours)
+  assert ours.model.image.name == "vit_tiny" and ours.optimizer.lr == 3e-4
+  ours.model.image.name, ours.optimizer.lr = base.model.image.name, base.optimizer.lr
+  assert ours.to_dict() == base.to_dict()

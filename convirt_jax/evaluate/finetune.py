@@ -27,9 +27,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import flax
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from convirt_jax import parallel
 from convirt_jax import storage
@@ -39,6 +41,7 @@ from convirt_jax.data.augment import TrainAugment
 from convirt_jax.errors import ConfigError, TrainingDiverged
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe
+from convirt_jax.models import registry as image_registry
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.training import checkpoints
 from convirt_jax.training import classifier_steps
@@ -152,6 +155,18 @@ def plan_steps(num_train: int, settings: ml_collections.ConfigDict) -> int:
   return min(steps, int(settings.max_steps)) if settings.max_steps else steps
 
 
+def check_recipe(subsets: Mapping[tuple[float, int], np.ndarray], settings: ml_collections.ConfigDict,
+                 arch: image_registry.ImageArch) -> None:
+  """Raises ConfigError, before anything compiles, for recipe options a run cannot follow."""
+  for (fraction, seed), subset in subsets.items():
+    steps = plan_steps(len(subset), settings)
+    if settings.warmup_steps >= steps:
+      raise ConfigError(f"config.finetune.warmup_steps={settings.warmup_steps} is not below the {steps} "
+                        f"steps of the fine-tuning run at fraction {fraction:g}, seed {seed}")
+  if settings.layer_decay != 1:
+    image_registry.check_layers(arch)
+
+
 def make_runs(workdir: str, encoder_name: str, slug: str, subsets: Mapping[tuple[float, int], np.ndarray],
               settings: ml_collections.ConfigDict) -> list[Run]:
   return [Run(encoder_name, slug, fraction, seed, subset, plan_steps(len(subset), settings),
@@ -198,19 +213,58 @@ def classifier_variables(model: ImageClassifier, encoder: Mapping[str, Any],
           "batch_stats": {"image": encoder["batch_stats"]}}
 
 
+# The paper's recipe (torch.optim.Adam, L2 weight decay, one learning rate, no schedule) and the options
+# ViTs are usually fine-tuned with; a run records the options only where they differ from these.
+RECIPE_DEFAULTS = {"optimizer": "adam", "warmup_steps": 0, "schedule": "constant", "layer_decay": 1.0}
+
+
+def recipe_options(settings: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The finetune.* recipe options that differ from the paper's (RECIPE_DEFAULTS)."""
+  return {k: settings[k] for k, default in RECIPE_DEFAULTS.items() if settings[k] != default}
+
+
+def learning_rates(lr: float, steps: int, warmup_steps: int, schedule: str) -> np.ndarray:
+  """The learning rate of each of a run's `steps` updates: a linear warm-up from 0 over `warmup_steps`,
+  then `lr` ("constant") or a cosine decay to 0 at the last step ("cosine"). The loop sets it before
+  every update, so runs of every length share one compiled step."""
+  if not 0 <= warmup_steps < steps:
+    raise ConfigError(f"finetune.warmup_steps={warmup_steps} must be below the {steps} steps of a run")
+  if schedule == "cosine":
+    fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, end_value=0.0)
+  else:
+    fn = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                              [warmup_steps])
+  return np.asarray(jax.vmap(fn)(np.arange(steps)), np.float32)
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, lr: float,
-                   weight_decay: float, augment: TrainAugment | None = None):
-  """(optimizer, train_step, predict_fn) of a model and its Adam settings, built once per process: every
-  run (and every equal Finetuner) reuses the compiled steps."""
+                   weight_decay: float, augment: TrainAugment | None = None, *, optimizer: str = "adam",
+                   layer_decay: float = 1.0, arch: image_registry.ImageArch | None = None):
+  """(optimizer, train_step, predict_fn) of a model and its optimizer settings, built once per process:
+  every run (and every equal Finetuner) reuses the compiled steps.
+
+  `optimizer`: "adam" (torch.optim.Adam: L2 weight decay) or "adamw" (decoupled); `layer_decay` < 1
+  scales the learning rate of the encoder's layer i of n by layer_decay ** (n - i) (`arch` gives the
+  layers), the head's by 1."""
   opt_config = ml_collections.ConfigDict({"optimizer": {
       "lr": float(lr), "weight_decay": float(weight_decay), "schedule": "constant", "warmup_steps": 0,
       "grad_clip_norm": 0.0, "plateau_factor": 0.5, "plateau_patience": 1}})
   size = 64  # any size the strides survive: only the parameter tree's paths are read
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))["params"]
-  optimizer = optimizer_lib.make_optimizer(opt_config, shapes, 1)
-  return (optimizer, classifier_steps.make_train_step(model, optimizer, task, mesh, augment),
+  lr_scales = None
+  if layer_decay != 1.0:
+    if arch is None:
+      raise ValueError("layer_decay needs the encoder's architecture (arch)")
+    layers = {path: image_registry.layer_index(arch, path)
+              for path in flax.traverse_util.flatten_dict(shapes["image"])}
+    top = max(count for _, count in layers.values())
+    layer_of = lambda path: layers[path[1:]] if path[0] == "image" else (top, top)  # the head: all of lr
+    lr_scales = optimizer_lib.layer_decay_scales(shapes, layer_of, layer_decay)
+  optimizer_fn = optimizer_lib.make_optimizer(opt_config, shapes, 1, lr_scales=lr_scales,
+                                              decoupled_weight_decay=optimizer == "adamw")
+  return (optimizer_fn, classifier_steps.make_train_step(model, optimizer_fn, task, mesh, augment),
           classifier_steps.make_predict_fn(model, mesh))
 
 
@@ -244,7 +298,9 @@ class Finetuner:
     self.local_batch = parallel.local_batch_size(int(ft.batch_size), mesh)
     self.optimizer, self.train_step, self.predict_fn = compiled_steps(
         model, task, mesh, float(ft.lr), float(ft.weight_decay),
-        device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size))
+        device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size),
+        optimizer=ft.optimizer, layer_decay=float(ft.layer_decay),
+        arch=image_registry.arch_from_config(config.model.image) if ft.layer_decay != 1 else None)
 
   def settings(self, run: Run) -> dict[str, Any]:
     ft = self.config.finetune
@@ -252,7 +308,8 @@ class Finetuner:
             "patience", "precision")
     return {**self.identity, "fraction": run.fraction, "seed": run.seed, "steps": run.steps,
             "subset_sha256": hashlib.sha256(np.asarray(run.subset, np.int64).tobytes()).hexdigest(),
-            "finetune": {k: ft[k] for k in keep}, "augment": self.config.augment.to_dict(),
+            "finetune": {**{k: ft[k] for k in keep}, **recipe_options(ft)},
+            "augment": self.config.augment.to_dict(),
             "task": self.task, "label_names": self.label_names}
 
   def run(self, run: Run, encoder: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -295,9 +352,14 @@ class Finetuner:
       tracker = meta["tracker"]
     has_validation = "validation" in self.sources
     offset = self.log_offset(run)
+    schedule = None
+    if ft.warmup_steps or ft.schedule != "constant":
+      schedule = learning_rates(float(ft.lr), run.steps, int(ft.warmup_steps), ft.schedule)
     window = []
     while step < run.steps and not tracker["stopped"]:
       batch = next(train_iter)
+      if schedule is not None:
+        state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"], schedule[step])
       state, metrics = self.train_step(state, parallel.shard_batch(
           {k: batch[k] for k in ("image", "extent", "labels") if k in batch}, mesh))
       step += 1

@@ -123,7 +123,8 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   pretrained = {"params": {}, "batch_stats": {}}
   if pretrained_image is not None:
     pretrained["params"]["image"] = pretrained_image["params"]
-    pretrained["batch_stats"]["image"] = pretrained_image["batch_stats"]
+    if pretrained_image["batch_stats"]:  # an encoder without BatchNorm (a ViT) has none
+      pretrained["batch_stats"]["image"] = pretrained_image["batch_stats"]
   if text_params is not None:
     pretrained["params"]["text"] = text_params
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)

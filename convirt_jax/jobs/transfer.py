@@ -90,6 +90,8 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
     prompts, unprompted = zeroshot.resolve_prompts(config.zeroshot.prompts.to_dict(), label_names, task)
   subsets = finetune.training_subsets(train_labels, label_names, config.fractions, config.seeds,
                                       config.min_train)
+  if "finetune" in protocols:
+    finetune.check_recipe(subsets, config.finetune, arch.image)
   if parallel.is_main_process():
     storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   model = classifier_model(config, arch, len(label_names))
@@ -105,9 +107,10 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
               "architecture": arch.describe(),
               "encoders": {e.name: transfer_encoders.describe(e, config) for e in encoders},
               "protocols": list(protocols), "fractions": list(config.fractions), "seeds": list(config.seeds),
-              "finetune": {k: config.finetune[k] for k in ("lr", "weight_decay", "batch_size", "epochs",
-                                                           "min_steps", "max_steps", "eval_every_steps",
-                                                           "patience")},
+              "finetune": {**{k: config.finetune[k] for k in ("lr", "weight_decay", "batch_size", "epochs",
+                                                              "min_steps", "max_steps", "eval_every_steps",
+                                                              "patience")},
+                           **finetune.recipe_options(config.finetune)},
               "devices": jax.device_count(), "processes": jax.process_count()},
       "methods": {e.name: {} for e in encoders}}
   metric_logging.announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "

@@ -145,7 +145,9 @@ def resolve_architecture(encoders: list[Encoder], config: ml_collections.ConfigD
       found[e.spec] = Architecture(registry.arch_from_config(e.pretrain_config["model"]["image"]),
                                    int(e.pretrain_config["data"]["image_size"]))
   if not found:
-    return Architecture(registry.arch_from_config(config.model.image), int(config.data.image_size))
+    image = registry.arch_from_config(config.model.image)
+    registry.check_image_size(image, config.data.image_size)
+    return Architecture(image, int(config.data.image_size))
   first_spec, first = next(iter(found.items()))
   for spec, arch in found.items():
     if arch != first:

@@ -11,6 +11,9 @@ and the encoder's ARCH_KEYS fields:
                           empty batch statistics
     title(arch), describe(arch)   "ResNet50"; "ResNet50 (width 1)", for tables and errors
     random_variables(arch, image_size, seed)  torchvision's initialisation, drawn with numpy
+    check_image_size(arch, image_size)  optional: raises ConfigError for a size it cannot take
+    layer_index(arch, path) -> (layer, number of layers)  optional: the layer of a parameter (path
+                          within the encoder), for fine-tuning's layer-wise learning-rate decay
   its weights interop (convirt_jax.interop.<...>)
     load_torchvision(init_from, arch, image_size)   {"params", "batch_stats"} from a torchvision file
                           (or "torchvision": its published weights), fitted to the input size
@@ -118,6 +121,27 @@ def build_image_encoder(arch: ImageArch, *, axis_name: str | None = None, dtype:
 def random_variables(arch: ImageArch, image_size: int, seed: int) -> dict[str, Any]:
   """torchvision's initialisation of the encoder, drawn with numpy from `seed` (nothing compiled)."""
   return model(arch.name).random_variables(arch.values(), image_size, seed)
+
+
+def check_image_size(arch: ImageArch, image_size: int) -> None:
+  """Raises ConfigError, naming config.data.image_size, when the encoder cannot take that size."""
+  check = getattr(model(arch.name), "check_image_size", None)
+  if check is not None:
+    check(arch.values(), int(image_size))
+
+
+def check_layers(arch: ImageArch) -> None:
+  """Raises ConfigError when the encoder does not say which layer each parameter is in."""
+  module = model(arch.name)
+  if not hasattr(module, "layer_index"):
+    raise ConfigError(f"config.finetune.layer_decay needs the layers of the image encoder {arch.name!r}, "
+                      f"whose module {module.__name__} defines no layer_index: set finetune.layer_decay=1")
+
+
+def layer_index(arch: ImageArch, path: tuple[str, ...]) -> tuple[int, int]:
+  """(layer of the encoder parameter at `path`, number of layers; the head above is that number)."""
+  check_layers(arch)
+  return model(arch.name).layer_index(arch.values(), path)
 
 
 def load_torchvision(arch: ImageArch, init_from: str, image_size: int) -> dict[str, Any]:

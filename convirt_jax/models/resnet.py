@@ -251,6 +251,13 @@ def describe(arch: Mapping[str, Any]) -> str:
   return f"ResNet{arch['depth']} (width {arch['width']:g}{', small stem' if arch['small_stem'] else ''})"
 
 
+def layer_index(arch: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, int]:
+  """(layer of the parameter at `path`, number of layers) for layer-wise learning-rate decay, by stage:
+  the stem (conv1, bn1) is 0, layerS_B is S (1 to 4); the head above is 5."""
+  del arch
+  return (int(path[0][len("layer"):].split("_")[0]) if path[0].startswith("layer") else 0), 5
+
+
 def random_variables(arch: Mapping[str, Any], image_size: int, seed: int) -> dict[str, Any]:
   """torchvision's ResNet initialisation drawn with numpy from `seed`: convolutions kaiming-normal
   (fan_out, ReLU gain: N(0, 2 / (k * k * out))), BatchNorm scale 1 / bias 0, running mean 0 / var 1.

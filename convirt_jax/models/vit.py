@@ -156,6 +156,26 @@ def describe(arch: Mapping[str, Any]) -> str:
           f"patch {p['patch_size']})")
 
 
+def check_image_size(arch: Mapping[str, Any], image_size: int) -> None:
+  patch = preset(arch["name"])["patch_size"]
+  if image_size % patch:
+    raise ConfigError(f"config.data.image_size={image_size}: a {title(arch)} takes sides that are multiples "
+                      f"of its patch, {patch} (e.g. {image_size - image_size % patch} or "
+                      f"{image_size - image_size % patch + patch})")
+
+
+def layer_index(arch: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, int]:
+  """(layer of the parameter at `path`, number of layers) for layer-wise learning-rate decay: the patch
+  and position embeddings and the class token are layer 0, encoder block i is layer i + 1, the final
+  LayerNorm is the top layer (with the head above the encoder)."""
+  count = preset(arch["name"])["num_layers"] + 1
+  if path[0] in ("conv_proj", "class_token") or path[-1] == "pos_embedding":
+    return 0, count
+  if len(path) > 1 and path[1].startswith("encoder_layer_"):
+    return int(path[1][len("encoder_layer_"):]) + 1, count
+  return count, count
+
+
 def random_variables(arch: Mapping[str, Any], image_size: int, seed: int) -> dict[str, Any]:
   """torchvision's ViT initialisation drawn with numpy from `seed` (nothing compiled): patch convolution
   truncated normal (std sqrt(1 / fan_in), cut at +-2), bias 0; class token 0; position embeddings

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 
 from convirt_jax.errors import ConfigError
+from convirt_jax.models import registry
 from convirt_jax.planning import devices, programs, targets
 from convirt_jax.planning.targets import GIB, Target
 
@@ -186,6 +187,7 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
             f"machine ({rates[mode].stored_size} px stored -> {rates[mode].image_size} px, augmentations "
             f"on the {mode})")
   report: dict[str, Any] = {"job": job, "rows": [], "max_batch": [],
+                            "image_encoder": registry.arch_from_config(config.model.image).describe(),
                             "note": "compiled for the target, not run on it; the roofline figure is a "
                                     "lower bound on the step time, not a measurement"}
   if rates:
@@ -225,7 +227,7 @@ def _collectives(row: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
   """The report as Markdown tables (memory in GiB per chip)."""
-  lines = [f"Plan of the {report['job']} step: {report['note']}."]
+  lines = [f"Plan of the {report['job']} step ({report['image_encoder']}): {report['note']}."]
   for mode, rate in report.get("input", {}).items():
     lines.append(f"Input pipeline on this machine, augmentations on the {mode}: "
                  f"{rate['images_per_s_per_core']:.0f} images/s per CPU core.")

@@ -192,9 +192,12 @@ def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   labels = num_labels(config)
   model = transfer_job.classifier_model(config, arch, labels)
   task = "multiclass" if config.data.task == "multiclass" else "multilabel"
+  ft = config.finetune
   optimizer, step, _ = finetune.compiled_steps(
-      model, task, mesh, float(config.finetune.lr), float(config.finetune.weight_decay),
-      device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size))
+      model, task, mesh, float(ft.lr), float(ft.weight_decay),
+      device_augment.spec_for(config.data.augment_on, config.augment, config.data.image_size),
+      optimizer=ft.optimizer, layer_decay=float(ft.layer_decay),
+      arch=arch.image if ft.layer_decay != 1 else None)
   size = arch.image_size
   state = jax.eval_shape(lambda: state_lib.new_state(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.uint8)), optimizer,

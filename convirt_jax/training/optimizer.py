@@ -94,8 +94,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_total: int) 
   raise ConfigError(f"optimizer.schedule={opt.schedule!r}: choose 'constant', 'cosine' or 'plateau'")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   steps_total: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_total: int, *,
+                   decoupled_weight_decay: bool = False,
+                   lr_scales: Any = None) -> optax.GradientTransformation:
   """torch.optim.Adam(lr, weight_decay) on the trainable parameters; frozen ones get nothing.
 
   `params` (or `param_shapes(...)`) only gives the tree whose paths decide what is frozen.
@@ -104,6 +105,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   the Adam moments (not AdamW's decoupled decay). Optional clipping by global norm comes first, as
   torch.nn.utils.clip_grad_norm_ does before optimizer.step(). Frozen parameters are routed to
   `set_to_zero`, which keeps no state, so they carry no Adam moments.
+
+  `decoupled_weight_decay`: torch.optim.AdamW instead (p -= lr * (adam_update + weight_decay * p)).
+  `lr_scales`: a tree of floats like `params` multiplying each parameter's learning rate (layer-wise
+  learning-rate decay, `layer_decay_scales`); with AdamW it scales the decay too, as torch's per-group
+  learning rates do.
   """
   opt = config.optimizer
   if opt.weight_decay < 0 or opt.grad_clip_norm < 0:
@@ -114,16 +120,36 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  if opt.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(opt.weight_decay))
-  parts.append(optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS))
+  decay = [optax.add_decayed_weights(opt.weight_decay)] if opt.weight_decay > 0 else []
+  adam = [optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS)]
+  parts += adam + decay if decoupled_weight_decay else decay + adam
   # inject_hyperparams keeps the learning rate in the state: read back for logging, set by the loop.
   parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(
       learning_rate=learning_rate_schedule(config, steps_total)))
   labels = jax.tree.map(lambda frozen: "frozen" if frozen else "trainable",
                         frozen_mask(params, frozen_layers_of(config)))
-  return optax.multi_transform({"trainable": optax.chain(*parts), "frozen": optax.set_to_zero()},
-                               labels)
+  optimizer = optax.multi_transform({"trainable": optax.chain(*parts), "frozen": optax.set_to_zero()},
+                                    labels)
+  if lr_scales is None:
+    return optimizer
+  scale = optax.stateless(lambda updates, _: jax.tree.map(lambda u, c: u * c, updates, lr_scales))
+  return optax.chain(optimizer, scale)
+
+
+def layer_decay_scales(params: Any, layer_of: Any, decay: float) -> Any:
+  """Layer-wise learning-rate decay (BEiT's, as MAE and timm fine-tune ViTs): a parameter of layer i of
+  n gets decay ** (n - i) of the learning rate; the top (n: the head) gets all of it.
+
+  `layer_of(path) -> (i, n)` maps a parameter's path (a tuple of names) to its layer.
+  """
+  if not 0.0 < decay <= 1.0:
+    raise ConfigError(f"finetune.layer_decay={decay}: must be in (0, 1] (1: no decay)")
+
+  def scale(path, _):
+    index, count = layer_of(tuple(str(getattr(k, "key", k)) for k in path))
+    return float(decay) ** (count - index)
+
+  return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def frozen_layers_of(config: ml_collections.ConfigDict) -> int:

@@ -85,7 +85,7 @@ def new_state(variables: dict[str, Any], optimizer: optax.GradientTransformation
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": variables["params"],
-      "batch_stats": variables["batch_stats"],
+      "batch_stats": variables.get("batch_stats", {}),  # none without BatchNorm (a ViT)
       "opt_state": jax.jit(optimizer.init)(variables["params"]),  # one compile, not one per leaf
       "rng": rng,
       "plateau": optimizer_lib.plateau_init(),
