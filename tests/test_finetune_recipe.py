@@ -19,18 +19,12 @@ from convirt_jax import parallel
 from convirt_jax.training import optimizer as optimizer_lib
 
 
-def _optimizer_config(lr, weight_decay):
-  return ml_collections.ConfigDict({"optimizer": {
-      "lr": lr, "weight_decay": weight_decay, "schedule": "constant", "warmup_steps": 0,
-      "grad_clip_norm": 0.0, "plateau_factor": 0.5, "plateau_patience": 1}})
-
-
 def test_adamw_is_torchs_adamw():
   rng = np.random.default_rng(0)
   params = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
   grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(4)]
   lr, wd = 1e-2, 0.05
-  optimizer = optimizer_lib.make_optimizer(_optimizer_config(lr, wd), params, 1, decoupled_weight_decay=True)
+  optimizer = optimizer_lib.adam(params, lr, weight_decay=wd, decoupled_weight_decay=True)
   state, ours = optimizer.init(params), dict(params)
   theirs = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
   torch_opt = torch.optim.AdamW(list(theirs.values()), lr=lr, weight_decay=wd)
@@ -43,7 +37,7 @@ def test_adamw_is_torchs_adamw():
   for k in params:
     np.testing.assert_allclose(ours[k], theirs[k].detach().numpy(), rtol=1e-5, atol=1e-6)
   # Not Adam with L2 decay: the two differ after these steps.
-  plain = optimizer_lib.make_optimizer(_optimizer_config(lr, wd), params, 1)
+  plain = optimizer_lib.adam(params, lr, weight_decay=wd)
   state, l2 = plain.init(params), dict(params)
   for g in grads:
     updates, state = plain.update(g, state, l2)

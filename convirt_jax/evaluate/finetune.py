@@ -247,9 +247,6 @@ def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, l
   `optimizer`: "adam" (torch.optim.Adam: L2 weight decay) or "adamw" (decoupled); `layer_decay` < 1
   scales the learning rate of the encoder's layer i of n by layer_decay ** (n - i) (`arch` gives the
   layers), the head's by 1."""
-  opt_config = ml_collections.ConfigDict({"optimizer": {
-      "lr": float(lr), "weight_decay": float(weight_decay), "schedule": "constant", "warmup_steps": 0,
-      "grad_clip_norm": 0.0, "plateau_factor": 0.5, "plateau_patience": 1}})
   size = 64  # any size the strides survive: only the parameter tree's paths are read
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))["params"]
@@ -262,8 +259,8 @@ def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, l
     top = max(count for _, count in layers.values())
     layer_of = lambda path: layers[path[1:]] if path[0] == "image" else (top, top)  # the head: all of lr
     lr_scales = optimizer_lib.layer_decay_scales(shapes, layer_of, layer_decay)
-  optimizer_fn = optimizer_lib.make_optimizer(opt_config, shapes, 1, lr_scales=lr_scales,
-                                              decoupled_weight_decay=optimizer == "adamw")
+  optimizer_fn = optimizer_lib.adam(shapes, float(lr), weight_decay=float(weight_decay), lr_scales=lr_scales,
+                                    decoupled_weight_decay=optimizer == "adamw")
   return (optimizer_fn, classifier_steps.make_train_step(model, optimizer_fn, task, mesh, augment),
           classifier_steps.make_predict_fn(model, mesh))
 

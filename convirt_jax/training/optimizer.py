@@ -94,12 +94,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_total: int) 
   raise ConfigError(f"optimizer.schedule={opt.schedule!r}: choose 'constant', 'cosine' or 'plateau'")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_total: int, *,
-                   decoupled_weight_decay: bool = False,
-                   lr_scales: Any = None) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, params: Any,
+                   steps_total: int) -> optax.GradientTransformation:
+  """The optimizer of a config's `optimizer.*` (pretraining's): `adam` with its schedule, clipping and
+  the text layers `model.text.frozen_layers` frozen; the settings checked before anything compiles."""
+  opt = config.optimizer
+  if opt.weight_decay < 0 or opt.grad_clip_norm < 0:
+    raise ConfigError(f"optimizer.weight_decay={opt.weight_decay} and optimizer.grad_clip_norm="
+                     f"{opt.grad_clip_norm} must be >= 0")
+  if opt.schedule == "plateau":
+    _plateau_transform(config)  # checks its settings now, before anything compiles
+  return adam(params, learning_rate_schedule(config, steps_total), weight_decay=float(opt.weight_decay),
+              grad_clip_norm=float(opt.grad_clip_norm), frozen_layers=frozen_layers_of(config))
+
+
+def adam(params: Any, learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.0,
+         grad_clip_norm: float = 0.0, frozen_layers: int = -1, decoupled_weight_decay: bool = False,
+         lr_scales: Any = None) -> optax.GradientTransformation:
   """torch.optim.Adam(lr, weight_decay) on the trainable parameters; frozen ones get nothing.
 
-  `params` (or `param_shapes(...)`) only gives the tree whose paths decide what is frozen.
+  `params` (or `param_shapes(...)`) only gives the tree whose paths decide what is frozen
+  (`frozen_mask(params, frozen_layers)`).
 
   PyTorch's weight decay is L2 regularisation: weight_decay * param is added to the gradient before
   the Adam moments (not AdamW's decoupled decay). Optional clipping by global norm comes first, as
@@ -111,23 +126,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_total: 
   learning-rate decay, `layer_decay_scales`); with AdamW it scales the decay too, as torch's per-group
   learning rates do.
   """
-  opt = config.optimizer
-  if opt.weight_decay < 0 or opt.grad_clip_norm < 0:
-    raise ConfigError(f"optimizer.weight_decay={opt.weight_decay} and optimizer.grad_clip_norm="
-                     f"{opt.grad_clip_norm} must be >= 0")
-  if opt.schedule == "plateau":
-    _plateau_transform(config)  # checks its settings now, before anything compiles
   parts = []
-  if opt.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  decay = [optax.add_decayed_weights(opt.weight_decay)] if opt.weight_decay > 0 else []
-  adam = [optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS)]
-  parts += adam + decay if decoupled_weight_decay else decay + adam
+  if grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip_norm))
+  decay = [optax.add_decayed_weights(weight_decay)] if weight_decay > 0 else []
+  moments = [optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS)]
+  parts += moments + decay if decoupled_weight_decay else decay + moments
   # inject_hyperparams keeps the learning rate in the state: read back for logging, set by the loop.
-  parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(
-      learning_rate=learning_rate_schedule(config, steps_total)))
+  parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate))
   labels = jax.tree.map(lambda frozen: "frozen" if frozen else "trainable",
-                        frozen_mask(params, frozen_layers_of(config)))
+                        frozen_mask(params, frozen_layers))
   optimizer = optax.multi_transform({"trainable": optax.chain(*parts), "frozen": optax.set_to_zero()},
                                     labels)
   if lr_scales is None:
