@@ -181,8 +181,8 @@ def test_pure_candidates_give_the_same_scores_as_the_category_precision():
   positive = np.eye(4, dtype=bool)[category]
   queries, query_category = rng.normal(size=(7, 6)), rng.integers(0, 4, 7)
   candidates = rng.normal(size=(20, 6))
-  ours = chexpert_retrieval.precision_at_k(queries, query_category, candidates, positive, (1, 5, 10),
-                                           category_names=list("abcd"))
+  ours = retrieval.precision_of_positives(queries, query_category, candidates, positive, (1, 5, 10),
+                                          category_names=list("abcd"))
   reference = retrieval.precision_at_k(queries, query_category, candidates, category, (1, 5, 10),
                                        category_names=list("abcd"))
   assert ours == reference

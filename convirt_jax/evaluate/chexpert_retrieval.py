@@ -208,45 +208,17 @@ def open_retrieval_set(config: ml_collections.ConfigDict) -> RetrievalSet:
       texts=tuple(row["Text"] for _, row in texts), text_category=text_category, identity=identity)
 
 
-def precision_at_k(query_emb: np.ndarray, query_category: np.ndarray, candidate_emb: np.ndarray,
-                   candidate_positive: np.ndarray, ks: Sequence[int],
-                   category_names: Sequence[str] = CATEGORIES) -> dict[str, Any]:
-  """Prec@k of cosine retrieval where a candidate is correct when candidate_positive[candidate, category].
-
-  The shape of `retrieval.precision_at_k`'s result (which it equals when every candidate is positive for
-  exactly one category): {"ks", "prec@k"..., "chance", "n_queries", "n_candidates", "exclude_self",
-  "per_category": {name: {"n_queries", "prec@k"..., "chance"}}}.
-  """
-  ks = sorted({int(k) for k in ks})
-  query_category = np.asarray(query_category, np.int64)
-  positive = np.asarray(candidate_positive, bool)
-  top = retrieval.rank_candidates(query_emb, candidate_emb, ks[-1])            # [Q, max k]
-  relevant = positive[top, query_category[:, None]]                             # [Q, max k]
-  hits = np.cumsum(relevant, axis=1)
-  precision = {k: hits[:, k - 1] / k for k in ks}
-  chance = positive[:, query_category].mean(axis=0)                             # [Q]
-
-  def summary(mask: np.ndarray) -> dict[str, float]:
-    out = {f"prec@{k}": float(precision[k][mask].mean()) for k in ks}
-    out["chance"] = float(chance[mask].mean())
-    return out
-
-  per_category = {category_names[c]: {"n_queries": int((query_category == c).sum()),
-                                      **summary(query_category == c)}
-                  for c in np.unique(query_category)}
-  return {"ks": ks, **summary(np.ones(len(query_category), bool)), "n_queries": int(len(query_category)),
-          "n_candidates": int(positive.shape[0]), "exclude_self": False, "per_category": per_category}
-
-
 def score(retrieval_set: RetrievalSet, ks: Sequence[int], candidate_features: np.ndarray,
           query_features: np.ndarray, candidate_emb: np.ndarray | None = None,
           text_emb: np.ndarray | None = None) -> dict[str, Any]:
   """{"image_to_image": ...[, "text_to_image": ...]} from the embeddings (text->image when given)."""
-  out = {"image_to_image": precision_at_k(query_features, retrieval_set.query_category, candidate_features,
-                                          retrieval_set.candidate_positive, ks)}
+  out = {"image_to_image": retrieval.precision_of_positives(
+      query_features, retrieval_set.query_category, candidate_features, retrieval_set.candidate_positive, ks,
+      category_names=CATEGORIES)}
   if text_emb is not None:
-    out["text_to_image"] = precision_at_k(text_emb, retrieval_set.text_category, candidate_emb,
-                                          retrieval_set.candidate_positive, ks)
+    out["text_to_image"] = retrieval.precision_of_positives(
+        text_emb, retrieval_set.text_category, candidate_emb, retrieval_set.candidate_positive, ks,
+        category_names=CATEGORIES)
   return out
 
 

@@ -146,14 +146,30 @@ def precision_at_k(query_emb: np.ndarray, query_category: np.ndarray, candidate_
     raise ValueError(f"{len(category_names)} category_names for categories 0..{num_categories - 1}")
   names = ([str(n) for n in category_names] if category_names is not None
            else [str(c) for c in range(num_categories)])
+  positive = candidate_category[:, None] == np.arange(num_categories)  # a distractor (-1): none
+  return precision_of_positives(query_emb, query_category, candidate_emb, positive, ks,
+                                exclude_self=exclude_self, category_names=names)
 
+
+def precision_of_positives(query_emb: np.ndarray, query_category: np.ndarray, candidate_emb: np.ndarray,
+                           candidate_positive: np.ndarray, ks: Sequence[int], *, exclude_self: bool = False,
+                           category_names: Sequence[str]) -> dict[str, Any]:
+  """Prec@k where a candidate is correct when candidate_positive[candidate, query category] (a candidate
+  may be positive for several categories, as in the CheXpert 8x200 set); `precision_at_k`'s result.
+
+  With `exclude_self`, query i is candidate i: it is not retrieved for itself nor counted in chance.
+  """
+  ks = sorted({int(k) for k in ks})
+  query_category = np.asarray(query_category, np.int64)
+  positive = np.asarray(candidate_positive, bool)
   top = rank_candidates(query_emb, candidate_emb, ks[-1], exclude_self=exclude_self)
-  relevant = candidate_category[top] == query_category[:, None]            # [Q, max k]
+  relevant = positive[top, query_category[:, None]]                        # [Q, max k]
   hits = np.cumsum(relevant, axis=1)
   precision = {k: hits[:, k - 1] / k for k in ks}                          # per query
-  counts = np.bincount(candidate_category[candidate_category >= 0], minlength=num_categories)
-  same = counts[query_category] - int(exclude_self)                        # self is in its category
-  chance = same / (candidate_category.size - int(exclude_self))
+  same = positive[:, query_category].sum(axis=0)                           # [Q]
+  if exclude_self:
+    same = same - positive[np.arange(len(query_category)), query_category]
+  chance = same / (positive.shape[0] - int(exclude_self))
 
   def summary(mask: np.ndarray) -> dict[str, float]:
     out = {f"prec@{k}": float(precision[k][mask].mean()) for k in ks}
@@ -163,9 +179,9 @@ def precision_at_k(query_emb: np.ndarray, query_category: np.ndarray, candidate_
   per_category = {}
   for c in np.unique(query_category):
     mask = query_category == c
-    per_category[names[c]] = {"n_queries": int(mask.sum()), **summary(mask)}
+    per_category[str(category_names[c])] = {"n_queries": int(mask.sum()), **summary(mask)}
   return {"ks": ks, **summary(np.ones(query_category.size, dtype=bool)),
-          "n_queries": int(query_category.size), "n_candidates": int(candidate_category.size),
+          "n_queries": int(query_category.size), "n_candidates": int(positive.shape[0]),
           "exclude_self": bool(exclude_self), "per_category": per_category}
 
 
