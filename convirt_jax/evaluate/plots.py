@@ -14,8 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from convirt_jax import storage
-from convirt_jax.evaluate.results import (METRIC_NAMES, NON_FINITE, datasets_of, fraction_label,
-                                         to_json_ready, validate_results)
+from convirt_jax.evaluate.results import (METRIC_NAMES, NON_FINITE, TRANSFER_PROTOCOLS, datasets_of,
+                                         fraction_label, to_json_ready, validate_results,
+                                         validate_transfer_results)
 from convirt_jax.training.metric_logging import read_metrics
 
 RELEVANT_COLOR, IRRELEVANT_COLOR = "#2ca02c", "#d62728"
@@ -161,8 +162,6 @@ def plot_transfer_curves(results: Mapping[str, Any], out_png: str | os.PathLike)
   """The transfer job's metric against the fraction of training labels (log axis): one panel per
   protocol (linear, fine-tuning), one line per encoder (error bars = std over seeds); zero-shot scores,
   which use no labels, are dashed horizontal lines in every panel."""
-  # pylint: disable-next=g-import-not-at-top
-  from convirt_jax.evaluate.results import TRANSFER_PROTOCOLS, validate_transfer_results
   results = to_json_ready(results)
   validate_transfer_results(results)
   methods, metric = results["methods"], results["metric"]
