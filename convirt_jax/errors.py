@@ -44,3 +44,7 @@ class NothingToEvaluate(UserError, ValueError):
 
 class AcceleratorUnavailable(UserError, RuntimeError):
   """The platform asked for (JAX_PLATFORMS) has no usable device on this machine."""
+
+
+class CompileFailed(UserError, RuntimeError):
+  """An accelerator's compiler refused a program the plan compiles for it (named with what to try)."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from convirt_jax import transfer_config  # noqa: E402
-from convirt_jax.errors import ConfigError, UserError  # noqa: E402
+from convirt_jax.errors import CompileFailed, ConfigError, UserError  # noqa: E402
 from convirt_jax.models import convirt  # noqa: E402
 from convirt_jax.planning import analysis, job, programs, targets  # noqa: E402
 from convirt_jax.training import state as state_lib  # noqa: E402
@@ -164,6 +164,19 @@ def test_a_vit_plans_through_the_encoder_registry(job_name, target_name):
   assert set(row["collectives"]["all-reduce"]["dtypes"]) == {"f32"}
   # No BatchNorm: nothing but the gradient (and the loss's metrics) is reduced, in few collectives.
   assert row["collectives"]["all-reduce"]["count"] <= 8, row["collectives"]
+
+
+def test_a_compiler_failure_is_one_line_with_what_to_try():
+  class Lowered:  # what the GPU compiler said of a ViT-B/16 step, compiling without a GPU
+    def compile(self):
+      raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.846 = "
+                                       "bf16[6304,768]{1,0} dot(...)\n\tSymbolic tile with\n")
+
+  with pytest.raises(CompileFailed, match=r"^the cuda compiler failed on this step: INTERNAL: Couldn't find "
+                                          r"output tile sizes .*dot\(\.\.\.\); run the plan with "
+                                          r"XLA_FLAGS=--xla_gpu_enable_triton_gemm=false") as raised:
+    analysis._compile(Lowered(), "cuda")
+  assert "\n" not in str(raised.value) and isinstance(raised.value, UserError)
 
 
 def test_max_batch_fits_and_its_double_does_not():

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from convirt_jax.errors import CompileFailed
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
 _OP = re.compile(r" = (?P<shape>.*?) (?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
@@ -110,6 +112,24 @@ def memory_breakdown(memory, state_bytes: int, batch_bytes_per_chip: int) -> dic
           "total": arguments + outputs + temp + code}
 
 
+# XLA's GPU compiler, compiling without a GPU, can find no Triton tiling for a matmul whose row count is
+# not a multiple of 16 (a ViT-B/16's 32 x 197 tokens): cuBLAS GEMMs instead compile (and the memory
+# and FLOPs are those of the same arithmetic).
+_TRITON_TILING = "Couldn't find output tile sizes"
+_TRITON_HINT = ("; run the plan with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false, which plans the step "
+                "with cuBLAS matrix multiplications instead of Triton's")
+
+
+def _compile(lowered, platform: str):
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    first = (str(e).splitlines() or [""])[0]
+    hint = _TRITON_HINT if platform != "tpu" and _TRITON_TILING in first else ""
+    raise CompileFailed(f"the {platform} compiler failed on this step: {first[:240]}{hint}") from None
+
+
 def compile_and_analyse(program, platform: str, *, keep_hlo: bool = False,
                         with_lowered: bool = False) -> Analysis:
   """Lowers and compiles `program` (planning.programs.Program) for its mesh's devices and reads what the
@@ -117,7 +137,7 @@ def compile_and_analyse(program, platform: str, *, keep_hlo: bool = False,
   from convirt_jax.planning import programs  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   lowered = program.lower()
-  compiled = lowered.compile()
+  compiled = _compile(lowered, platform)
   seconds = time.perf_counter() - start
   mesh_size = program.global_batch // program.rows_per_chip
   memory = memory_breakdown(compiled.memory_analysis(), programs.tree_bytes(program.state),
