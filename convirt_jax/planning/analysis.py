@@ -20,9 +20,12 @@ import re
 import time
 from typing import Any
 
+import jax
+from jax._src.lib import _jax  # HloCostAnalysis on any module (no public API for a GPU module on a CPU)
 import numpy as np
 
 from convirt_jax.errors import CompileFailed
+from convirt_jax.planning import programs
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
@@ -70,8 +73,6 @@ def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
 
 
 def _cpu_cost(hlo_module) -> dict[str, float]:
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top  (HloCostAnalysis on any module)
   return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, hlo_module))
 
 
@@ -121,7 +122,6 @@ _TRITON_HINT = ("; run the plan with XLA_FLAGS=--xla_gpu_enable_triton_gemm=fals
 
 
 def _compile(lowered, platform: str):
-  import jax  # pylint: disable=g-import-not-at-top
   try:
     return lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -134,7 +134,6 @@ def compile_and_analyse(program, platform: str, *, keep_hlo: bool = False,
                         with_lowered: bool = False) -> Analysis:
   """Lowers and compiles `program` (planning.programs.Program) for its mesh's devices and reads what the
   compiler reports."""
-  from convirt_jax.planning import programs  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   lowered = program.lower()
   compiled = _compile(lowered, platform)

@@ -16,6 +16,7 @@ import ml_collections
 
 from convirt_jax.data import pipeline
 from convirt_jax.data.jpeg_source import JpegSource
+from convirt_jax.tokenizer import Tokenizer
 
 BATCH = 16
 RECORDS = 96
@@ -37,7 +38,6 @@ def measure(config: ml_collections.ConfigDict, *, with_text: bool, seconds: floa
   source = JpegSource(RECORDS, int(config.data.stored_size))
   tokenizer = None
   if with_text:
-    from convirt_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     length = config.model.text.max_length
     texts = [pipeline.whole_text(source[i]) for i in range(len(source))]
     tokenizer = Tokenizer.from_corpus(texts, 500, max_length=length if isinstance(length, int) else 128)

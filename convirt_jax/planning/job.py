@@ -17,9 +17,11 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
+from convirt_jax import config as config_lib
+from convirt_jax import parallel, storage, transfer_config
 from convirt_jax.errors import ConfigError
 from convirt_jax.models import registry
-from convirt_jax.planning import devices, programs, targets
+from convirt_jax.planning import analysis, devices, input_rate, programs, targets
 from convirt_jax.planning.targets import GIB, Target
 
 MAX_ROWS_PER_CHIP = 2**16
@@ -28,8 +30,6 @@ BUSY_SHARE = 0.4  # the input side is also sized for a step at 40% of the bound
 
 def validate(config: ml_collections.ConfigDict, job: str) -> None:
   """The job's own config checks, less those of the data's location (the plan reads no data)."""
-  from convirt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from convirt_jax import transfer_config  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   for key in ("dir", "csv"):
     config.data[key] = config.data[key] or "<not read by the plan>"
@@ -67,7 +67,6 @@ class Planner:
 
   def row(self, config: ml_collections.ConfigDict, with_lowered: bool = False) -> dict[str, Any]:
     """The plan of `config`'s step on the target (one table row)."""
-    from convirt_jax.planning import analysis  # pylint: disable=g-import-not-at-top
     target, chip = self.target, self.target.chip
     program = programs.build(config, self.job, self.mesh, self.bert)
     self.log(f"  compiling for {target.name}: {program.rows_per_chip} rows per chip, "
@@ -177,7 +176,6 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
   validate(config, job)
   rates = {}  # the pipeline each target's job runs: data.augment_on resolves by platform
   if measure_input:
-    from convirt_jax.planning import input_rate  # pylint: disable=g-import-not-at-top
     for target in chosen:
       measured = programs.with_precision_for(config, job, target.platform)
       mode = measured.data.augment_on
@@ -202,7 +200,6 @@ def run(config: ml_collections.ConfigDict, job: str, target_names: list[str], *,
     else:
       batch = programs.global_batch(planner.config, job)
       if batch % target.chips:
-        from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
         parallel.local_batch_size(batch, planner.mesh)  # the job's own message
       report["rows"].append(planner.at(batch // target.chips))
     if max_batch:
@@ -265,5 +262,4 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
-  from convirt_jax import storage  # pylint: disable=g-import-not-at-top
   storage.write_json(path, json.loads(json.dumps(report, default=float)))

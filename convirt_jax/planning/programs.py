@@ -22,8 +22,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from convirt_jax import parallel
+from convirt_jax.data import datasets, device_augment
+from convirt_jax.data.augment import padded_size, resolve_augment_on
 from convirt_jax.errors import ConfigError
+from convirt_jax.evaluate import finetune
+from convirt_jax.jobs import transfer as transfer_job
+from convirt_jax.jobs.transfer_encoders import Architecture
+from convirt_jax.models import convirt, registry
 from convirt_jax.models.bert import BertConfig
+from convirt_jax.models.convirt import resolve_precision
+from convirt_jax.training import optimizer as optimizer_lib
+from convirt_jax.training import state as state_lib
+from convirt_jax.training import steps as steps_lib
 
 JOBS = ("pretrain", "transfer")
 MODES = ("plain", "remat", "micro")
@@ -52,8 +63,6 @@ def with_precision_for(config: ml_collections.ConfigDict, job: str,
                        platform: str) -> ml_collections.ConfigDict:
   """A copy of `config` whose precision key names the dtype "auto" means on `platform`, and whose
   data.augment_on names where the augmentations run there."""
-  from convirt_jax.data.augment import resolve_augment_on  # pylint: disable=g-import-not-at-top
-  from convirt_jax.models.convirt import resolve_precision  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   section = config.train if job == "pretrain" else config.finetune
   section.precision = resolve_precision(section.precision, platform)
@@ -64,7 +73,6 @@ def with_precision_for(config: ml_collections.ConfigDict, job: str,
 def image_shapes(config: ml_collections.ConfigDict, batch: int, size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The batch's image entries as the job's loader makes them: augmented [B, S, S, 3], or with
   data.augment_on="device" the padded stored images and their extents."""
-  from convirt_jax.data.augment import padded_size  # pylint: disable=g-import-not-at-top
   if config.data.augment_on == "device":
     side = padded_size(int(config.data.stored_size))
     return {"image": jax.ShapeDtypeStruct((batch, side, side), jnp.uint8),
@@ -143,11 +151,6 @@ def _steps_for_schedule(config: ml_collections.ConfigDict) -> int:
 
 def pretrain_program(config: ml_collections.ConfigDict, bert: BertConfig, mesh) -> Program:
   """The pretraining job's jitted train step (`make_train_step`) on `mesh`, with abstract arguments."""
-  from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
-  from convirt_jax.models import convirt  # pylint: disable=g-import-not-at-top
-  from convirt_jax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from convirt_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   batch = global_batch(config, "pretrain")
   parallel.local_batch_size(batch, mesh)  # the job's own ConfigError when the batch does not split
   size, length = config.data.image_size, text_length(config)
@@ -169,20 +172,12 @@ def num_labels(config: ml_collections.ConfigDict) -> int:
   is 2,048 x labels, a rounding error in the step)."""
   if config.data.label_columns:
     return len(config.data.label_columns)
-  from convirt_jax.data import datasets  # pylint: disable=g-import-not-at-top
   return max(1, len(datasets.declared_label_names(config)))
 
 
 def transfer_program(config: ml_collections.ConfigDict, mesh) -> Program:
   """The transfer job's fine-tuning step on `mesh`, for config.model.image at data.image_size (the
   architecture the job uses when no ConVIRT workdir is among the encoders)."""
-  from convirt_jax import parallel  # pylint: disable=g-import-not-at-top
-  from convirt_jax.jobs import transfer as transfer_job  # pylint: disable=g-import-not-at-top
-  from convirt_jax.data import device_augment  # pylint: disable=g-import-not-at-top
-  from convirt_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
-  from convirt_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from convirt_jax.models import registry  # pylint: disable=g-import-not-at-top
-  from convirt_jax.jobs.transfer_encoders import Architecture  # pylint: disable=g-import-not-at-top
   batch = global_batch(config, "transfer")
   try:
     parallel.local_batch_size(batch, mesh)
