@@ -125,8 +125,9 @@ def load_torchvision_vit(source: str | os.PathLike | Mapping[str, Any], hp: Mapp
   missing = sorted(set(by_key) - set(state))
   unexpected = sorted(set(state) - set(by_key))
   if missing or unexpected:
-    raise CheckpointError(f"not a torchvision {name} state dict: missing {state_dicts.list_keys(missing)}, "
-                          f"unexpected {state_dicts.list_keys(unexpected)}")
+    problems = ([f"missing {state_dicts.list_keys(missing)}"] if missing else []) + (
+        [f"unexpected {state_dicts.list_keys(unexpected)}"] if unexpected else [])
+    raise CheckpointError(f"not a torchvision {name} state dict: {'; '.join(problems)}")
   flat = {}
   for key, path in by_key.items():
     value = _to_flax_layout(path, state[key]).astype(np.float32)
