@@ -4,7 +4,7 @@
   python benchmarks/finetune_throughput.py --depth=50 --width=1 --image_size=224 --batch=64  # the paper's
 
 Both steps are the real ones, jitted over a mesh of every device: the transfer job's
-`classifier_steps.make_train_step` (ResNet + linear head, BCE over --labels labels, Adam) and the
+`classifier_steps.make_finetune_step` (ResNet + linear head, BCE over --labels labels, Adam) and the
 pretraining job's `steps.make_train_step` (the same ResNet + a BERT, both projection heads, the ConVIRT
 loss). Batches are random and already on the devices, so the numbers are the steps' own (no input
 pipeline). The ratio says how much cheaper an epoch of fine-tuning is than an epoch of pretraining at the
@@ -41,7 +41,8 @@ def _finetune_step(args, mesh):
   import jax
   import numpy as np
   from convirt_jax import parallel
-  from convirt_jax.evaluate import finetune
+  from convirt_jax.jobs import transfer_finetune as finetune
+  from convirt_jax.models import classifier as classifier_lib
   from convirt_jax.models import registry
   from convirt_jax.models.classifier import ImageClassifier
   from convirt_jax.models.convirt import compute_dtype
@@ -54,7 +55,7 @@ def _finetune_step(args, mesh):
   model = ImageClassifier(encoder=encoder, features_dim=features_dim, num_outputs=args.labels)
   optimizer, train_step, _ = finetune.compiled_steps(model, "multilabel", mesh, 1e-4, 1e-6)
   encoder_variables = registry.random_variables(arch, args.image_size, 0)
-  variables = finetune.classifier_variables(model, encoder_variables, seed=0)
+  variables = classifier_lib.classifier_variables(model, encoder_variables, seed=0)
   state = parallel.replicate(state_lib.new_state(variables, optimizer, jax.random.PRNGKey(0)), mesh)
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch({

@@ -231,11 +231,11 @@ def test_the_fine_tuning_step_augments_on_the_device_as_the_host_fed_step_would(
   mesh8, mesh1 = parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
   state = lambda mesh: parallel.replicate(state_lib.new_state(variables, optimizer, jax.random.PRNGKey(5)),
                                           mesh)
-  on_device = classifier_steps.make_train_step(classifier, optimizer, "multilabel", mesh8, spec)
+  on_device = classifier_steps.make_finetune_step(classifier, optimizer, "multilabel", mesh8, spec)
   _, device_metrics = on_device(state(mesh8), parallel.shard_batch(
       {"image": batch["image"], "extent": batch["extent"], "labels": labels}, mesh8))
   images = _augmented_in_step(batch, jax.random.PRNGKey(5), spec, mesh8)
-  host_fed = classifier_steps.make_train_step(classifier, optimizer, "multilabel", mesh1)
+  host_fed = classifier_steps.make_finetune_step(classifier, optimizer, "multilabel", mesh1)
   _, host_metrics = host_fed(state(mesh1), parallel.shard_batch({"image": np.asarray(images), "labels": labels},
                                                                 mesh1))
   np.testing.assert_allclose(float(device_metrics["loss"]), float(host_metrics["loss"]), rtol=1e-5)

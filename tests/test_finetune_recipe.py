@@ -12,7 +12,7 @@ import torch
 
 from convirt_jax import transfer_config
 from convirt_jax.errors import ConfigError
-from convirt_jax.evaluate import finetune
+from convirt_jax.jobs import transfer_finetune as finetune
 from convirt_jax.models import registry
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax import parallel

@@ -25,7 +25,9 @@ from convirt_jax import parallel
 from convirt_jax.jobs import transfer_encoders
 from convirt_jax.data import datasets
 from convirt_jax.errors import CheckpointError, ConfigError, DataError
-from convirt_jax.evaluate import finetune, linear_probe, zeroshot
+from convirt_jax.evaluate import linear_probe, zeroshot
+from convirt_jax.jobs import transfer_finetune as finetune
+from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.interop.torchvision_resnet import save_torchvision_resnet
 from convirt_jax.models.bert import BertConfig
 from convirt_jax.models import registry
@@ -219,7 +221,7 @@ def test_classification_losses_match_numpy():
 def test_finetune_step_8_devices_equals_1_device(job):
   _, config, _, _ = job
   model = transfer_job.classifier_model(config, arch(), LABELS)
-  variables = finetune.classifier_variables(model, registry.random_variables(arch().image, 32, 3), 0)
+  variables = classifier_lib.classifier_variables(model, registry.random_variables(arch().image, 32, 3), 0)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, size=(16, LABELS)).astype(np.float32)
   labels[rng.random(labels.shape) < 0.2] = np.nan

@@ -40,8 +40,8 @@ from convirt_jax import parallel
 from convirt_jax.data.builders import common
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import features as features_lib
-from convirt_jax.evaluate import finetune
 from convirt_jax.evaluate import retrieval
+from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.training import classifier_steps
 
 TITLE = "CheXpert 8×200 retrieval"
@@ -237,8 +237,8 @@ def evaluate_encoder(encoder_variables: dict[str, Any], classifier, retrieval_se
     text_emb = convirt.encode_texts(list(retrieval_set.texts))
     return score(retrieval_set, ks, cand["image_features"], query["image_features"],
                  candidate_emb=cand["image_emb"], text_emb=text_emb)
-  variables = parallel.replicate(finetune.classifier_variables(classifier, encoder_variables, seed=0), mesh)
+  variables = parallel.replicate(classifier_lib.classifier_variables(classifier, encoder_variables, seed=0), mesh)
   features_fn = classifier_steps.make_predict_fn(classifier, mesh, features=True)
-  cand, _ = finetune.predict(features_fn, variables, candidates, config, mesh)
-  query, _ = finetune.predict(features_fn, variables, queries, config, mesh)
+  cand, _ = features_lib.predict(features_fn, variables, candidates, config, mesh)
+  query, _ = features_lib.predict(features_fn, variables, queries, config, mesh)
   return score(retrieval_set, ks, cand, query)

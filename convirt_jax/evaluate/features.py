@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from convirt_jax import parallel
@@ -45,6 +46,36 @@ def per_process_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return per_device * len(mesh.local_devices)
 
 
+def predict(fn: Callable, variables: Any, source: Sequence[Any], config: ml_collections.ConfigDict,
+            mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(fn's rows, labels) of every record of `source`, in order, on every process.
+
+  `fn(variables, images)` is a jitted function of images sharded over "data" (e.g.
+  `classifier_steps.make_predict_fn`); images get the evaluation transform at config.data.image_size.
+  """
+  batches = pipeline.eval_batches(source, None, config, batch_size=per_process_batch(config.eval.batch_size, mesh),
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+  compute = lambda batch: {"rows": fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])}
+  rows = in_order(batches, compute, len(source))
+  return rows["rows"], rows["labels"]
+
+
+def in_order(batches, compute: Callable[[dict], dict], n: int) -> dict[str, np.ndarray]:
+  """The rows of `compute(batch)` and the batches' labels over every batch of every process, gathered,
+  the padding dropped (batch["mask"]) and in dataset order (batch["index"]): the one way every
+  embedding of a split or of texts is collected."""
+  collected = {}
+  for batch in batches:
+    outputs = dict(compute(batch), **{k: batch[k] for k in ("labels", "index", "mask") if k in batch})
+    for key, value in outputs.items():
+      collected.setdefault(key, []).append(parallel.gather_rows(value))
+  mask = np.concatenate(collected.pop("mask")).astype(bool)
+  order = np.concatenate(collected.pop("index"))[mask]
+  assert len(order) == n and np.array_equal(np.sort(order), np.arange(n)), "every record exactly once"
+  return {key: np.concatenate(values)[mask][np.argsort(order, kind="stable")]
+          for key, values in collected.items()}
+
+
 class Embedder:
   """Jitted image/text encoders of one model, with the variables replicated on `mesh`."""
 
@@ -59,8 +90,7 @@ class Embedder:
     batch_size = per_process_batch(config.eval.batch_size, self.mesh)
     batches = pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
                                     shard_index=jax.process_index(), shard_count=jax.process_count())
-    keys = ["image_features", "image_emb"] + (["text_features", "text_emb"] if with_text else [])
-    return self._run(batches, keys, len(source), with_images=True, with_text=with_text)
+    return self._run(batches, len(source), with_images=True, with_text=with_text)
 
   def texts(self, texts: Sequence[str], tokenizer, config) -> dict[str, np.ndarray]:
     """{"text_features", "text_emb"} of free texts (every process passes the same list)."""
@@ -70,32 +100,20 @@ class Embedder:
     width = batch_size // jax.process_count()
     batches = ({k: v[local:local + width] for k, v in b.items()}
                for b in pipeline.text_batches(texts, tokenizer, batch_size))
-    return self._run(batches, ["text_features", "text_emb"], len(texts), with_images=False,
-                     with_text=True)
+    return self._run(batches, len(texts), with_images=False, with_text=True)
 
-  def _run(self, batches, keys, n, *, with_images: bool, with_text: bool) -> dict[str, np.ndarray]:
-    collected = {k: [] for k in keys + ["labels", "index", "mask"]}
-    for batch in batches:
-      extra = {k: batch[k] for k in ("labels", "index", "mask") if k in batch}
-      inputs = {k: batch[k] for k in INPUT_KEYS if k in batch}
-      inputs = parallel.shard_batch(inputs, self.mesh)
-      outputs = dict(extra)
+  def _run(self, batches, n, *, with_images: bool, with_text: bool) -> dict[str, np.ndarray]:
+    def compute(batch):
+      inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS if k in batch}, self.mesh)
+      outputs = {}
       if with_images:
         outputs["image_features"], outputs["image_emb"] = self._images(self.variables, inputs["image"])
       if with_text:
         outputs["text_features"], outputs["text_emb"] = self._texts(
             self.variables, inputs["input_ids"], inputs["attention_mask"])
-      for key, value in outputs.items():
-        collected[key].append(parallel.gather_rows(value))
-    mask = np.concatenate(collected.pop("mask")).astype(bool)
-    order = np.concatenate(collected.pop("index"))[mask]
-    result = {}
-    for key, values in collected.items():
-      if values:
-        rows = np.concatenate(values)[mask]
-        result[key] = rows[np.argsort(order, kind="stable")]
-    assert len(order) == n and np.array_equal(np.sort(order), np.arange(n)), "every record exactly once"
-    return result
+      return outputs
+
+    return in_order(batches, compute, n)
 
 
 @functools.lru_cache(maxsize=4)

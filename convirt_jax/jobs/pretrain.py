@@ -6,7 +6,6 @@
 `convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
 """
 import copy
-import math
 import os
 from typing import Any
 
@@ -20,7 +19,7 @@ from convirt_jax import parallel
 from convirt_jax import storage
 from convirt_jax import text_length as text_length_lib
 from convirt_jax.data import datasets, pipeline
-from convirt_jax.errors import ConfigError, DataError, TrainingDiverged, UserError
+from convirt_jax.errors import ConfigError, DataError, UserError
 from convirt_jax.evaluate import downstream, plots, results as results_lib
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.hub import resolve_hf_dir
@@ -28,7 +27,7 @@ from convirt_jax.interop.hf_bert import load_hf_bert
 from convirt_jax.models import convirt, registry
 from convirt_jax.models.bert import BertConfig
 from convirt_jax.tokenizer import Tokenizer
-from convirt_jax.training import checkpoints, metric_logging, workdir_lock
+from convirt_jax.training import checkpoints, engine, metric_logging, workdir_lock
 from convirt_jax.training import optimizer as optimizer_lib
 from convirt_jax.training import preemption
 from convirt_jax.training import state as state_lib
@@ -157,56 +156,39 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   preempted = preemption.SigtermFlag()
   bar = metric_logging.Progress(steps_total, resume_step, is_main, every_seconds=config.log.every_seconds,
                                 batch_size=config.train.batch_size)
-  window = []  # metrics since the last log, still on the devices
-  train_fields = {}
-  step = resume_step
-  best = _best_so_far(manager, config)  # (value, step) of the best validation metric saved so far
-  stopped = _stop_early(config, step, best[1])  # a run that stopped early stays stopped when rerun
-  if stopped:
-    metric_logging.announce(f"The run in {workdir} stopped early at step {step} (best at step {best[1]}).")
+  stopping = _stopping(manager, config, resume_step)  # a run that stopped early stays stopped when rerun
+  if stopping.stopped:
+    metric_logging.announce(f"The run in {workdir} stopped early at step {resume_step} (best at step "
+                            f"{stopping.best_step}).")
+
+  def validate(state):
+    if "validation" not in dataset.sources:
+      return state, engine.Validation({}, None, {})
+    metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config, mesh)
+    if config.optimizer.schedule == "plateau":
+      plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]), metrics["val/loss"],
+                                                       config)
+      state["plateau"] = parallel.replicate(plateau, mesh)
+      state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"], config.optimizer.lr * scale)
+    return state, engine.Validation(metrics, metrics.get(config.checkpoint.keep_best_metric),
+                                    {"val_loss": f"{metrics['val/loss']:.4f}"})
+
   try:
-    while step < steps_total and not stopped:
-      state, metrics = train_step(state, parallel.shard_batch(steps_lib.model_inputs(next(train_iter)), mesh))
-      step += 1
-      window.append(metrics)
-      bar.update(1)
-      last, stopping = step == steps_total, preempted.is_set(manager, step)
-      save_now = last or stopping or step % config.checkpoint.every_steps == 0
-      if window and (save_now or step % config.train.log_every_steps == 0):
-        summary = _summarise(window)  # raises TrainingDiverged: nothing after the last good save is saved
-        window = []
-        logger.write(step, summary)
-        train_fields = dict(loss=f"{summary['train/loss']:.4f}", lr=f"{summary['train/lr']:.2e}")
-        bar.set_postfix(**train_fields)
-      val_metrics = {}
-      if (last or step % config.eval.every_steps == 0) and "validation" in dataset.sources:
-        val_metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config,
-                                      mesh)
-        logger.write(step, val_metrics)
-        bar.set_postfix(**train_fields, val_loss=f"{val_metrics['val/loss']:.4f}")
-        bar.line()
-        if config.optimizer.schedule == "plateau":
-          plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]),
-                                                           val_metrics["val/loss"], config)
-          state["plateau"] = parallel.replicate(plateau, mesh)
-          state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"],
-                                                               config.optimizer.lr * scale)
-      best_key = config.checkpoint.keep_best_metric
-      if save_now or val_metrics:
-        checkpoints.save(manager, step, state, data_iterator=train_iter,
-                         meta={"config": config.to_dict(), "step": step},
-                         metrics={best_key: val_metrics[best_key]} if best_key in val_metrics else None)
-        logger.flush()  # a gs:// workdir's metrics.jsonl then covers every checkpointed step
-      if best_key in val_metrics:
-        if val_metrics[best_key] < best[0]:
-          best = (val_metrics[best_key], step)
-        stopped = _stop_early(config, step, best[1])
-        if stopped and not last:
-          metric_logging.announce(f"Stopped early at step {step}: {best_key} has not improved for "
-                                  f"{config.train.stop_patience} evaluations (best at step {best[1]}).")
-      if stopping and not last:
-        metric_logging.announce(f"Preempted: saved step {step}; run the same command to resume.")
-        return {}
+    state, step, stopped_by_signal = engine.train(
+        state, resume_step, train_step, train_iter,
+        schedule=engine.Schedule(steps_total, config.train.log_every_steps, config.eval.every_steps,
+                                 config.checkpoint.every_steps),
+        stopping=stopping, manager=manager, mesh=mesh, inputs=steps_lib.model_inputs, validate=validate,
+        best_metric=config.checkpoint.keep_best_metric, host_copies=False,
+        checkpoint_meta=lambda step: {"config": config.to_dict(), "step": step}, prefix="train/",
+        diverged=_diverged, logger=logger, bar=bar, preempted=preempted)
+    if stopping.stopped and step > resume_step:
+      metric_logging.announce(f"Stopped early at step {step}: {config.checkpoint.keep_best_metric} has not "
+                              f"improved for {config.train.stop_patience} evaluations (best at step "
+                              f"{stopping.best_step}).")
+    if stopped_by_signal:
+      metric_logging.announce(f"Preempted: saved step {step}; run the same command to resume.")
+      return {}
   finally:
     bar.close()
     preempted.restore()
@@ -226,10 +208,16 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
 
 
 
-def _best_so_far(manager, config: ml_collections.ConfigDict) -> tuple[float, int | None]:
-  metric = config.checkpoint.keep_best_metric
-  step = checkpoints.best_step(manager, metric)
-  return (math.inf, None) if step is None else (float(manager.metrics(step)[metric]), step)
+def _stopping(manager, config: ml_collections.ConfigDict, step: int) -> engine.Stopping:
+  """The stopping rule's state at `step` from the checkpoints: the best validation metric saved so far
+  and the evaluations since it."""
+  metric, patience = config.checkpoint.keep_best_metric, int(config.train.stop_patience)
+  best_step = checkpoints.best_step(manager, metric)
+  if best_step is None:
+    return engine.Stopping(patience)
+  return engine.Stopping(patience, best=float(manager.metrics(best_step)[metric]), best_step=best_step,
+                         bad_evals=(step - best_step) // config.eval.every_steps,
+                         stopped=_stop_early(config, step, best_step))
 
 
 def _stop_early(config: ml_collections.ConfigDict, step: int, best_step: int | None) -> bool:
@@ -356,17 +344,10 @@ def evaluate_downstream(config, workdir, model, pretrained, step, dataset, token
   return downstream.run_downstream(config, workdir, model, weights, dataset, tokenizer, mesh, run_info)
 
 
-def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Means over the window's steps, prefixed "train/"; a non-finite loss stops the run."""
-  values = parallel.fetch(window)
-  summary = {f"train/{key}": float(np.mean([m[key] for m in values])) for key in values[0]}
-  for metrics in values:
-    if not np.isfinite(metrics["loss"]):
-      raise TrainingDiverged(
-          f"the training loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); "
+def _diverged(metrics: dict[str, float]) -> str:
+  return (f"the training loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])}); "
           "stopped without saving it, the last good checkpoint is kept. Lower optimizer.lr or set "
           "optimizer.grad_clip_norm, then run the same command to resume from that checkpoint.")
-  return summary
 
 
 # What a checkpoint's meaning depends on: resuming with another value would restore nonsense.

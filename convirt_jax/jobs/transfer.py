@@ -10,7 +10,7 @@ fine-tuning run's result.json), so a rerun skips what is finished.
 
 The retrieval protocol alone (configs/transfer/chexpert_8x200.py) builds no classification set.
 
-Every protocol trains on the same subsets: `finetune.training_subsets` is the linear probe's own
+Every protocol trains on the same subsets: `transfer_finetune.training_subsets` is the linear probe's own
 `linear_probe.sample_training_subset` on the training labels, per (fraction, seed).
 """
 from __future__ import annotations
@@ -26,15 +26,16 @@ import numpy as np
 from convirt_jax import parallel
 from convirt_jax import storage
 from convirt_jax import transfer_config
-from convirt_jax.jobs import transfer_encoders
+from convirt_jax.jobs import transfer_encoders, transfer_finetune
 from convirt_jax.api import ConVIRT
 from convirt_jax.data import datasets, registry
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import chexpert_retrieval
 from convirt_jax.evaluate import features as features_lib
-from convirt_jax.evaluate import finetune, linear_probe, plots, zeroshot
+from convirt_jax.evaluate import linear_probe, plots, zeroshot
 from convirt_jax.evaluate import results as results_lib
 from convirt_jax.models import registry as image_registry
+from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.models.convirt import compute_dtype
 from convirt_jax.training import classifier_steps
@@ -88,10 +89,10 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   prompts, unprompted = ({}, {})
   if "zeroshot" in protocols:
     prompts, unprompted = zeroshot.resolve_prompts(config.zeroshot.prompts.to_dict(), label_names, task)
-  subsets = finetune.training_subsets(train_labels, label_names, config.fractions, config.seeds,
-                                      config.min_train)
+  subsets = transfer_finetune.training_subsets(train_labels, label_names, config.fractions,
+                                               config.seeds, config.min_train)
   if "finetune" in protocols:
-    finetune.check_recipe(subsets, config.finetune, arch.image)
+    transfer_finetune.check_recipe(subsets, config.finetune, arch.image)
   if parallel.is_main_process():
     storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   model = classifier_model(config, arch, len(label_names))
@@ -110,7 +111,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
               "finetune": {**{k: config.finetune[k] for k in ("lr", "weight_decay", "batch_size", "epochs",
                                                               "min_steps", "max_steps", "eval_every_steps",
                                                               "patience")},
-                           **finetune.recipe_options(config.finetune)},
+                           **transfer_finetune.recipe_options(config.finetune)},
               "devices": jax.device_count(), "processes": jax.process_count()},
       "methods": {e.name: {} for e in encoders}}
   metric_logging.announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "
@@ -279,9 +280,9 @@ class _Job:
   def _linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
     metric_logging.announce(f"Linear protocol: {encoder.name}...")
     variables = parallel.replicate(
-        finetune.classifier_variables(self.model, self.encoder_variables(encoder), seed=0), self.mesh)
+        classifier_lib.classifier_variables(self.model, self.encoder_variables(encoder), seed=0), self.mesh)
     features_fn = classifier_steps.make_predict_fn(self.model, self.mesh, features=True)
-    splits = {split: finetune.predict(features_fn, variables, source, self.config, self.mesh)
+    splits = {split: features_lib.predict(features_fn, variables, source, self.config, self.mesh)
               for split, source in self.dataset.sources.items() if split in ("train", "validation", "test")}
     val = splits.get("validation")
     linear = self.config.linear
@@ -331,14 +332,14 @@ class _Job:
   def finetune_all(self) -> bool:
     """Every fine-tuning run under one progress bar; False when preempted."""
     config = self.config
-    runs = {e.spec: finetune.make_runs(self.workdir, e.name, e.slug, self.subsets, config.finetune)
+    runs = {e.spec: transfer_finetune.make_runs(self.workdir, e.name, e.slug, self.subsets, config.finetune)
             for e in self.encoders}
     ordered = [r for e in self.encoders for r in runs[e.spec]]
     offsets, total = {}, 0
     for r in ordered:
       offsets[r.directory] = total
       total += r.steps
-    done = [finetune.completed_steps(r) for r in ordered]
+    done = [transfer_finetune.completed_steps(r) for r in ordered]
     resume = next((offsets[r.directory] + d for r, d in zip(ordered, done) if d < r.steps), total)
     is_main = parallel.is_main_process()
     metric_logging.announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
@@ -349,9 +350,9 @@ class _Job:
                                   batch_size=config.finetune.batch_size)
     preempted = preemption.SigtermFlag()
     try:
-      finetuner = finetune.Finetuner(self.model, config, self.task, self.label_names, self.dataset.sources,
-                                     self.mesh, identity={}, bar=bar, logger=logger,
-                                     log_offset=lambda r: offsets[r.directory], preempted=preempted)
+      finetuner = transfer_finetune.Finetuner(
+          self.model, config, self.task, self.label_names, self.dataset.sources, self.mesh, identity={},
+          bar=bar, logger=logger, log_offset=lambda r: offsets[r.directory], preempted=preempted)
       for encoder in self.encoders:
         finetuner.identity = self.identity(encoder)
         outcomes = {}
@@ -360,7 +361,7 @@ class _Job:
           if outcome is None:
             return False
           outcomes[(r.fraction, r.seed)] = outcome
-        self.results["methods"][encoder.name]["finetune"] = finetune.summarise(
+        self.results["methods"][encoder.name]["finetune"] = transfer_finetune.summarise(
             outcomes, runs[encoder.spec], self.label_names, self.task, self.train_labels,
             config.fractions, config.seeds)
         self.write()

@@ -2,8 +2,8 @@
 
   pretraining  `training.steps.make_train_step` of `models.convirt.build_model` (train.*: remat,
                micro-batches), state from `training.state.init_train_state`, Adam from `make_optimizer`
-  transfer     the fine-tuning step `training.classifier_steps.make_train_step` of the transfer job's
-               classifier (`jobs.transfer.classifier_model`), with `finetune.compiled_steps`'s Adam
+  transfer     the fine-tuning step `training.classifier_steps.make_finetune_step` of the transfer job's
+               classifier (`jobs.transfer.classifier_model`), with `jobs.transfer_finetune.compiled_steps`'s Adam
 Both are jitted with the jobs' shardings (state replicated and donated, batch sharded over "data") on
 the mesh they are given. Nothing is initialised: `jax.eval_shape` gives the state's shapes.
 
@@ -26,7 +26,7 @@ from convirt_jax import parallel
 from convirt_jax.data import datasets, device_augment
 from convirt_jax.data.augment import padded_size, resolve_augment_on
 from convirt_jax.errors import ConfigError
-from convirt_jax.evaluate import finetune
+from convirt_jax.jobs import transfer_finetune as finetune
 from convirt_jax.jobs import transfer as transfer_job
 from convirt_jax.jobs.transfer_encoders import Architecture
 from convirt_jax.models import convirt, registry

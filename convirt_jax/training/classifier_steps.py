@@ -17,7 +17,7 @@ The train state is `state.new_state` around {"params": {"image", "classifier"}, 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,7 @@ from convirt_jax import parallel
 from convirt_jax.data import device_augment
 from convirt_jax.data.augment import TrainAugment
 from convirt_jax.models.classifier import ImageClassifier
-from convirt_jax.training import steps
-from convirt_jax.training.optimizer import get_learning_rate
+from convirt_jax.training import engine, steps
 
 TASKS = ("binary", "multilabel", "multiclass")
 Metrics = dict[str, jax.Array]
@@ -63,10 +62,10 @@ def _global_mean(total: jax.Array, count: jax.Array, axis: str | None) -> jax.Ar
   return total / jnp.maximum(count, 1.0)
 
 
-def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh,
-                       augment: TrainAugment | None = None) -> Callable[..., Any]:
-  """shard_map((params, batch_stats, rng, step, batch) -> (grads, batch_stats, loss)), all replicated;
-  `batch` {"image", "labels"} (+ "extent": augmented first with `augment`, `device_augment.in_step`)."""
+def _gradient(model: ImageClassifier, task: str, augment: TrainAugment | None = None):
+  """The per-device gradient of the engine's update step: (params, batch_stats, rng, step, batch) ->
+  (grads, batch_stats, {"loss"}); `batch` {"image", "labels"} (+ "extent": augmented first with
+  `augment`, `device_augment.in_step`)."""
   axis = parallel.DATA_AXIS
   # An encoder without batch statistics (no `axis_name` field) has nothing to synchronise.
   if getattr(model.encoder, "axis_name", axis) != axis:
@@ -81,44 +80,28 @@ def _sharded_gradients(model: ImageClassifier, task: str, mesh: Mesh,
       logits, updated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                     mutable=["batch_stats"])
       total, count = classification_loss_sums(logits, labels, task)
-      return _global_mean(total, count, axis), updated["batch_stats"]
-
-    def with_loss(params):
-      loss, new_stats = loss_fn(params)
-      return loss, (loss, new_stats)
+      loss = _global_mean(total, count, axis)
+      return loss, (loss, updated["batch_stats"])
 
     # Summed over the axis in float32, in one psum (see steps.summed_gradient); nothing is frozen.
     nothing_frozen = jax.tree.map(lambda _: False, params)
-    grads, (loss, new_stats) = steps.summed_gradient(with_loss, params, nothing_frozen, axis)
-    return grads, new_stats, loss
+    grads, (loss, new_stats) = steps.summed_gradient(loss_fn, params, nothing_frozen, axis)
+    return grads, new_stats, {"loss": loss}
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis)),
-                       out_specs=(P(), P(), P()))
+  return per_device
 
 
-def make_train_step(model: ImageClassifier, optimizer: optax.GradientTransformation, task: str,
-                    mesh: Mesh, augment: TrainAugment | None = None
-                    ) -> Callable[[dict, dict], tuple[dict, Metrics]]:
-  """jit(train_step(state, batch) -> (state, metrics)); the state (replicated) is donated.
+def make_finetune_step(model: ImageClassifier, optimizer: optax.GradientTransformation, task: str,
+                       mesh: Mesh, augment: TrainAugment | None = None
+                       ) -> Callable[[dict, dict], tuple[dict, Metrics]]:
+  """jit(train_step(state, batch) -> (state, metrics)): the classification loss's gradient on the
+  engine's update step (`engine.make_update_step`); the state (replicated) is donated.
 
   `batch`: {"image", "labels"}, and "extent" when `augment` is set (device augmentation: the step
   augments the padded images with the state's key and step). Metrics: loss (global-batch mean),
   grad_norm, lr.
   """
-  sharded = _sharded_gradients(model, task, mesh, augment)
-
-  def train_step(state, batch):
-    grads, batch_stats, loss = sharded(state["params"], state["batch_stats"], state["rng"], state["step"],
-                                       batch)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                     batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
-                       "lr": get_learning_rate(opt_state)}
-
-  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=replicated,
-                 donate_argnums=0)
+  return engine.make_update_step(_gradient(model, task, augment), optimizer, mesh)
 
 
 @functools.lru_cache(maxsize=8)

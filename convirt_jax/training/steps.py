@@ -22,7 +22,8 @@ from convirt_jax import losses, parallel
 from convirt_jax.data import device_augment
 from convirt_jax.errors import ConfigError
 from convirt_jax.models.convirt import INPUT_KEYS, ConVIRTModel
-from convirt_jax.training.optimizer import frozen_mask, get_learning_rate
+from convirt_jax.training import engine
+from convirt_jax.training.optimizer import frozen_mask
 from convirt_jax.training.state import State
 
 Metrics = dict[str, jax.Array]
@@ -163,7 +164,8 @@ def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, r
 def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
                     mesh: Mesh) -> Callable[[State, dict[str, jax.Array]], tuple[State, Metrics]]:
-  """jit(train_step(state, batch) -> (state, metrics)); the state is donated.
+  """jit(train_step(state, batch) -> (state, metrics)): the contrastive loss's gradient on the engine's
+  update step (`engine.make_update_step`); the state is donated.
 
   `state` is replicated on `mesh` and `batch` ({"image": uint8 [B,H,W,3], "input_ids",
   "attention_mask": int32 [B,T]}; with device augmentation "image" uint8 [B,P,P] and "extent" [B,2],
@@ -203,21 +205,7 @@ def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation
     grads, (terms, batch_stats) = summed_gradient(loss_fn, params, frozen, axis)
     return grads, batch_stats, terms
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis)),
-                          out_specs=(P(), P(), P()))
-
-  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, Metrics]:
-    grads, batch_stats, terms = sharded(state["params"], state["batch_stats"], state["rng"],
-                                        state["step"], model_inputs(batch))
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                     batch_stats=batch_stats, opt_state=opt_state)
-    metrics = dict(terms, grad_norm=optax.global_norm(grads), lr=get_learning_rate(opt_state))
-    return new_state, metrics
-
-  replicated, data = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=replicated,
-                 donate_argnums=0)
+  return engine.make_update_step(per_device, optimizer, mesh, select=model_inputs)
 
 
 def make_eval_step(model: ConVIRTModel, config: ml_collections.ConfigDict,

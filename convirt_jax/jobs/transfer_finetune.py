@@ -1,6 +1,7 @@
 """The fine-tuning protocol of the transfer job: every encoder weight + a new linear head, per label fraction.
 
-For each (encoder, fraction, seed) a run trains `models.classifier.ImageClassifier` (the encoder's
+For each (encoder, fraction, seed) a run trains, on the training engine (`training.engine`: the loop and
+the update step pretraining runs too), `models.classifier.ImageClassifier` (the encoder's
 ResNet and a linear head) with Adam on the training subset of that fraction and seed (the subset the
 linear protocol uses too: `training_subsets`), with the training augmentations (`pipeline.train_loader`
 with config.augment), data parallel over every device with synchronised BatchNorm. Every
@@ -38,12 +39,14 @@ from convirt_jax import storage
 from convirt_jax.data import device_augment
 from convirt_jax.data import pipeline
 from convirt_jax.data.augment import TrainAugment
-from convirt_jax.errors import ConfigError, TrainingDiverged
+from convirt_jax.errors import ConfigError
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe
 from convirt_jax.models import registry as image_registry
+from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.training import checkpoints
+from convirt_jax.training import engine
 from convirt_jax.training import classifier_steps
 from convirt_jax.training import metric_logging
 from convirt_jax.training import optimizer as optimizer_lib
@@ -100,30 +103,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
   if not values:
     return None, None
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inference over a split.
-
-
-def predict(fn: Callable, variables: Any, source: Sequence[Any], config: ml_collections.ConfigDict,
-            mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(fn's rows, labels) of every record of `source`, in order, on every process.
-
-  `fn(variables, images)` is a jitted function of images sharded over "data" (e.g.
-  `classifier_steps.make_predict_fn`); images get the evaluation transform at config.data.image_size.
-  """
-  batch_size = features_lib.per_process_batch(config.eval.batch_size, mesh)
-  outputs, labels, index, mask = [], [], [], []
-  for batch in pipeline.eval_batches(source, None, config, batch_size=batch_size,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count()):
-    outputs.append(parallel.gather_rows(fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])))
-    labels.append(parallel.gather_rows(batch["labels"]))
-    index.append(parallel.gather_rows(batch["index"]))
-    mask.append(parallel.gather_rows(batch["mask"]))
-  mask = np.concatenate(mask).astype(bool)
-  order = np.argsort(np.concatenate(index)[mask], kind="stable")
-  return np.concatenate(outputs)[mask][order], np.concatenate(labels)[mask][order]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,22 +176,6 @@ def _check_settings(saved: Mapping[str, Any], settings: Mapping[str, Any], direc
                         f"gives {settings.get(key)!r}: use another --workdir (or delete that directory)")
 
 
-def head_variables(seed: int, in_features: int, num_outputs: int) -> dict[str, np.ndarray]:
-  """The new linear head, torch.nn.Linear's initialisation (U(+-1/sqrt(in_features))) drawn with numpy."""
-  rng = np.random.default_rng(seed)
-  bound = 1.0 / math.sqrt(in_features)
-  return {"kernel": rng.uniform(-bound, bound, (in_features, num_outputs)).astype(np.float32),
-          "bias": rng.uniform(-bound, bound, (num_outputs,)).astype(np.float32)}
-
-
-def classifier_variables(model: ImageClassifier, encoder: Mapping[str, Any],
-                         seed: int) -> dict[str, Any]:
-  """The classifier's {"params", "batch_stats"}: the encoder's and a head drawn from `seed`."""
-  return {"params": {"image": encoder["params"],
-                     "classifier": head_variables(seed, model.features_dim, model.num_outputs)},
-          "batch_stats": {"image": encoder["batch_stats"]}}
-
-
 # The paper's recipe (torch.optim.Adam, L2 weight decay, one learning rate, no schedule) and the options
 # ViTs are usually fine-tuned with; a run records the options only where they differ from these.
 RECIPE_DEFAULTS = {"optimizer": "adam", "warmup_steps": 0, "schedule": "constant", "layer_decay": 1.0}
@@ -261,7 +224,7 @@ def compiled_steps(model: ImageClassifier, task: str, mesh: jax.sharding.Mesh, l
     lr_scales = optimizer_lib.layer_decay_scales(shapes, layer_of, layer_decay)
   optimizer_fn = optimizer_lib.adam(shapes, float(lr), weight_decay=float(weight_decay), lr_scales=lr_scales,
                                     decoupled_weight_decay=optimizer == "adamw")
-  return (optimizer_fn, classifier_steps.make_train_step(model, optimizer_fn, task, mesh, augment),
+  return (optimizer_fn, classifier_steps.make_finetune_step(model, optimizer_fn, task, mesh, augment),
           classifier_steps.make_predict_fn(model, mesh))
 
 
@@ -329,8 +292,8 @@ class Finetuner:
 
   def _train(self, run: Run, encoder, settings, manager) -> dict[str, Any] | None:
     ft, mesh = self.config.finetune, self.mesh
-    state = state_lib.new_state(classifier_variables(self.model, encoder, run.seed), self.optimizer,
-                                jax.random.PRNGKey(run.seed))
+    state = state_lib.new_state(classifier_lib.classifier_variables(self.model, encoder, run.seed),
+                                self.optimizer, jax.random.PRNGKey(run.seed))
     state = parallel.replicate(state, mesh)
     # Tiled so that a subset smaller than a batch still fills every batch (repeats are harmless here).
     rows_needed = self.local_batch * jax.process_count()
@@ -339,102 +302,74 @@ class Finetuner:
         features_lib.Subset(self.sources["train"], subset), None, self.config,
         local_batch_size=self.local_batch, seed=run.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count()))
-    tracker = {"best": None, "best_step": 0, "bad_evals": 0, "stopped": False}
-    step = 0
+    stopping, step = engine.Stopping(int(ft.patience)), 0
     if manager.latest_step():  # the newest readable step; a damaged one is named and skipped
       step, state, meta = checkpoints.restore_newest(manager, checkpoints.abstract_like(state),
                                                      data_iterator=train_iter,
                                                      announce=self.bar.write if self.bar else print)
       _check_settings(meta["settings"], settings, run.directory)
-      tracker = meta["tracker"]
+      stopping = _stopping_from_tracker(int(ft.patience), meta["tracker"])
     has_validation = "validation" in self.sources
-    offset = self.log_offset(run)
-    schedule = None
+    metric_name = "accuracy" if self.task == "multiclass" else "auc"
+
+    def validate(state):
+      if not has_validation:
+        return state, engine.Validation({}, None, {})
+      value = self._metric(state, "validation")
+      return state, engine.Validation({f"{run.prefix}/val/{metric_name}": value}, -value, {})
+
+    rates = None
     if ft.warmup_steps or ft.schedule != "constant":
-      schedule = learning_rates(float(ft.lr), run.steps, int(ft.warmup_steps), ft.schedule)
-    window = []
-    while step < run.steps and not tracker["stopped"]:
-      batch = next(train_iter)
-      if schedule is not None:
-        state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"], schedule[step])
-      state, metrics = self.train_step(state, parallel.shard_batch(
-          {k: batch[k] for k in ("image", "extent", "labels") if k in batch}, mesh))
-      step += 1
-      window.append(metrics)
-      if self.bar is not None:
-        self.bar.update(1)
-      last = step == run.steps
-      stopping = self.preempted is not None and self.preempted.is_set(manager, offset + step)
-      evaluate = last or step % ft.eval_every_steps == 0
-      if window and (last or stopping or evaluate or step % ft.log_every_steps == 0):
-        summary = _summarise(window, run)
-        window = []
-        self._log(offset + step, summary)
-        if self.bar is not None:
-          self.bar.set_postfix(run=f"{run.encoder} {run.fraction:g}/{run.seed}",
-                               loss=f"{summary[run.prefix + '/train/loss']:.4f}")
-      val_metrics = None
-      if evaluate:
-        value = self._validation_metric(state) if has_validation else None
-        if value is not None and (tracker["best"] is None or value > tracker["best"]):
-          tracker.update(best=value, best_step=step, bad_evals=0)
-        elif value is not None:
-          tracker["bad_evals"] += 1
-        if ft.patience and tracker["bad_evals"] >= ft.patience and not last:
-          tracker["stopped"] = True
-        if value is not None:
-          val_metrics = {BEST_METRIC: -value}
-          self._log(offset + step, {f"{run.prefix}/val/{self._metric_name()}": value})
-          if self.bar is not None:
-            self.bar.line()
-      if evaluate or stopping:
-        # Host copies: orbax would otherwise slice every replicated array on every device.
-        checkpoints.save(manager, step, parallel.fetch(state), data_iterator=train_iter,
-                         meta={"settings": settings, "tracker": tracker, "step": step},
-                         metrics=val_metrics)
-        if self.logger is not None:
-          self.logger.flush()  # a gs:// workdir's metrics then cover every checkpointed step
-      if stopping and not last:
-        return None
-    if tracker["stopped"] and self.bar is not None:
+      rates = learning_rates(float(ft.lr), run.steps, int(ft.warmup_steps), ft.schedule)
+    state, step, preempted = engine.train(
+        state, step, self.train_step, train_iter,
+        schedule=engine.Schedule(run.steps, int(ft.log_every_steps), int(ft.eval_every_steps),
+                                 int(ft.eval_every_steps)),
+        stopping=stopping, manager=manager, mesh=mesh,
+        inputs=lambda batch: {k: batch[k] for k in ("image", "extent", "labels") if k in batch},
+        validate=validate, best_metric=BEST_METRIC, host_copies=True,
+        checkpoint_meta=lambda step: {"settings": settings, "tracker": _tracker(stopping), "step": step},
+        prefix=f"{run.prefix}/train/", diverged=lambda metrics: (
+            f"fine-tuning {run.prefix}: the training loss became {float(metrics['loss'])}; the last good "
+            "checkpoint is kept. Lower config.finetune.lr, then run the same command to resume."),
+        logger=self.logger, bar=self.bar, preempted=self.preempted, log_offset=self.log_offset(run),
+        learning_rates=rates, tag={"run": f"{run.encoder} {run.fraction:g}/{run.seed}"})
+    if preempted:
+      return None
+    if stopping.stopped and self.bar is not None:
       self.bar.update(run.steps - step)  # early stopped: the bar counts the planned steps
     manager.wait_until_finished()
     chosen = checkpoints.best_step(manager, BEST_METRIC) if has_validation else None
     chosen = chosen or manager.latest_step()
     if chosen != step:
       state, _ = checkpoints.restore(manager, chosen, checkpoints.abstract_like(state))
-    logits, labels = predict(self.predict_fn, {"params": state["params"],
-                                               "batch_stats": state["batch_stats"]},
-                             self.sources["test"], self.config, mesh)
+    logits, labels = self._predict(state, "test")
     test = score_predictions(logits, labels, self.label_names, self.task)
     return {"n_train": int(len(run.subset)), "n_test": int(labels.shape[0]), "steps_planned": run.steps,
-            "steps_run": int(step), "stopped_early": bool(tracker["stopped"]), "evaluated_step": int(chosen),
+            "steps_run": int(step), "stopped_early": bool(stopping.stopped), "evaluated_step": int(chosen),
             "selection": "validation" if has_validation else "last",
-            "val_metric": tracker["best"], "test": test}
+            "val_metric": _tracker(stopping)["best"], "test": test}
 
-  def _metric_name(self) -> str:
-    return "accuracy" if self.task == "multiclass" else "auc"
+  def _predict(self, state, split: str) -> tuple[np.ndarray, np.ndarray]:
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return features_lib.predict(self.predict_fn, variables, self.sources[split], self.config, self.mesh)
 
-  def _validation_metric(self, state) -> float | None:
-    logits, labels = predict(self.predict_fn, {"params": state["params"],
-                                               "batch_stats": state["batch_stats"]},
-                             self.sources["validation"], self.config, self.mesh)
-    return score_predictions(logits, labels, self.label_names, self.task)["main"]
-
-  def _log(self, step: int, metrics: Mapping[str, float]) -> None:
-    if self.logger is not None:
-      self.logger.write(step, metrics)
+  def _metric(self, state, split: str) -> float | None:
+    return score_predictions(*self._predict(state, split), self.label_names, self.task)["main"]
 
 
-def _summarise(window: list[dict[str, jax.Array]], run: Run) -> dict[str, float]:
-  """Means over the window's steps, prefixed by the run; a non-finite loss stops the job."""
-  values = parallel.fetch(window)
-  for metrics in values:
-    if not np.isfinite(metrics["loss"]):
-      raise TrainingDiverged(
-          f"fine-tuning {run.prefix}: the training loss became {float(metrics['loss'])}; the last good "
-          "checkpoint is kept. Lower config.finetune.lr, then run the same command to resume.")
-  return {f"{run.prefix}/train/{key}": float(np.mean([m[key] for m in values])) for key in values[0]}
+# A run's checkpoints keep the early-stopping bookkeeping as {"best": the best validation metric (higher
+# is better), "best_step", "bad_evals", "stopped"}; the engine's Stopping keeps it negated (lower is better).
+def _tracker(stopping: engine.Stopping) -> dict[str, Any]:
+  return {"best": None if stopping.best is None else -stopping.best,
+          "best_step": stopping.best_step or 0, "bad_evals": stopping.bad_evals, "stopped": stopping.stopped}
+
+
+def _stopping_from_tracker(patience: int, tracker: Mapping[str, Any]) -> engine.Stopping:
+  best = tracker["best"]
+  return engine.Stopping(patience, best=None if best is None else -best,
+                         best_step=tracker["best_step"] if best is not None else None,
+                         bad_evals=int(tracker["bad_evals"]), stopped=bool(tracker["stopped"]))
 
 
 def summarise(results: Mapping[tuple[float, int], Mapping[str, Any]], runs: Sequence[Run],
