@@ -196,6 +196,13 @@ _POSITIVE = ("model.image.width", "model.projection_dim",
              "eval.every_steps", "eval.batch_size", "log.every_seconds")
 
 
+def check_data_dir(config: ml_collections.ConfigDict) -> None:
+  """ConfigError when the data set needs config.data.dir (its registration says so) and it is empty."""
+  needed = registry.needs_dir(config.data.name)
+  if needed and not config.data.dir:
+    raise ConfigError(f"config.data.dir is empty: give {needed} (--config.data.dir=/path/to/it)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key that is unknown, missing or out of range.
 
@@ -224,12 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.train.steps and config.train.epochs are both 0: set one of them")
   if config.data.name == "csv" and not config.data.csv:
     raise ConfigError("config.data.csv is empty: give the CSV of pairs (--config.data.csv=/path/pairs.csv)")
-  if config.data.name in ("rsna", "chexpert", "covidx", "mura") and not config.data.dir:
-    raise ConfigError(f"config.data.dir is empty: give the directory of the {config.data.name} download "
-                      "(--config.data.dir=/path/to/it)")
-  if config.data.name == "mimic_cxr" and not config.data.dir:
-    raise ConfigError("config.data.dir is empty: give the MIMIC-CXR-JPG directory "
-                      "(--config.data.dir=/path/to/mimic-cxr-jpg)")
+  check_data_dir(config)
   text = config.model.text
   if not text.init_from:
     bert = text.config.to_dict()

@@ -34,6 +34,8 @@ import threading
 import time
 from typing import Any, Mapping
 
+from convirt_jax.errors import ConfigError
+
 _WORKER_ENV = "CONVIRT_JAX_WORKER_STATUS_FD"  # set in the supervised child: where it reports its place
 _KEY = "convirt_jax"
 _BEAT_SECONDS = 1.0
@@ -184,7 +186,6 @@ def check_agreement(num_processes: int, job_config: Mapping[str, Any] | None, ti
 
   Raises ConfigError naming the flag or the config keys that differ, in every process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from convirt_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   here = jax.process_index()
   count = jax.process_count()
   settings = {"num_processes": num_processes, "config": _flat(job_config or {})}

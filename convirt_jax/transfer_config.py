@@ -12,9 +12,10 @@ from __future__ import annotations
 import ml_collections
 
 from convirt_jax import config as config_lib
+from convirt_jax.data.augment import TrainAugment
 from convirt_jax.errors import ConfigError
+from convirt_jax.evaluate import protocols as protocols_lib
 
-PROTOCOLS = ("linear", "finetune", "zeroshot", "retrieval")
 ENCODER_KINDS = ("imagenet", "random")  # besides a ConVIRT workdir (PATH, PATH@best|latest|STEP)
 
 
@@ -26,7 +27,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.encoders = ("random",)
   c.imagenet_weights = "torchvision"  # a local .pth/.pt/.safetensors file, or "torchvision" (download)
   c.random_init_seed = 1              # the "Random Init." encoder's weights
-  c.protocols = ("linear", "finetune", "zeroshot")  # any of PROTOCOLS ("retrieval": CheXpert 8x200 only)
+  c.protocols = ("linear", "finetune", "zeroshot")  # see evaluate/protocols.py ("retrieval": 8x200 only)
   c.fractions = (0.01, 0.1, 1.0)      # fractions of the training labels (Table 1's 1% / 10% / 100%)
   c.seeds = (0, 1, 2)                 # one training subset per (fraction, seed), shared by the protocols
   c.min_train = 10                    # smallest training subset, whatever the fraction
@@ -120,11 +121,12 @@ def validate_transfer(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.encoders is empty: give ConVIRT workdirs, \"imagenet\" and/or \"random\"")
   if len(set(config.encoders)) != len(config.encoders):
     raise ConfigError(f"config.encoders={tuple(config.encoders)} names an encoder twice")
+  known = protocols_lib.names("transfer")
   if not config.protocols:
-    raise ConfigError(f"config.protocols is empty: choose from {PROTOCOLS}")
+    raise ConfigError(f"config.protocols is empty: choose from {known}")
   for protocol in config.protocols:
-    if protocol not in PROTOCOLS:
-      raise ConfigError(f"config.protocols has {protocol!r}: each must be one of {PROTOCOLS}")
+    if protocol not in known:
+      raise ConfigError(f"config.protocols has {protocol!r}: each must be one of {known}")
   if "retrieval" in config.protocols:
     if config.data.name != "chexpert":
       raise ConfigError(f"config.protocols has 'retrieval' (CheXpert 8x200, the paper's Table 2), which "
@@ -174,14 +176,11 @@ def validate_transfer(config: ml_collections.ConfigDict) -> None:
     if not config.data.label_columns:
       raise ConfigError("config.data.label_columns is empty: name the CSV's label columns, e.g. "
                         "--config.data.label_columns=\"('effusion','pneumonia')\"")
-  if config.data.name in ("rsna", "chexpert", "covidx", "mura", "mimic_cxr") and not config.data.dir:
-    raise ConfigError(f"config.data.dir is empty: give the directory of the {config.data.name} download "
-                      "(--config.data.dir=/path/to/it)")
+  config_lib.check_data_dir(config)
   if config.imagenet_weights != "torchvision" and "imagenet" in config.encoders and not (
       config.imagenet_weights):
     raise ConfigError("config.imagenet_weights is empty: give a torchvision weights file or "
                       "\"torchvision\" (download)")
-  from convirt_jax.data.augment import TrainAugment  # pylint: disable=g-import-not-at-top
   TrainAugment.from_config(config.augment, config.data.image_size)  # ConfigError naming a bad range
 
 

@@ -65,7 +65,9 @@ def _builder_parts(config: ml_collections.ConfigDict):
   entry = registry.find(name)
   if entry is None:
     raise DataError(f"config.data.name={name!r}: must be one of {', '.join(registry.names())}")
-  module = importlib.import_module(f"convirt_jax.data.builders.{entry.module}")
+  # A name under convirt_jax.data.builders, or the full path of a module outside the package.
+  module = importlib.import_module(entry.module if "." in entry.module
+                                   else f"convirt_jax.data.builders.{entry.module}")
   return module, getattr(module, entry.builder)
 
 
@@ -174,8 +176,8 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
     config: the job config (config.data.* selects and parameterises the dataset).
     data_dir: root of built TFDS datasets (config.data.tfds_dir or <workdir>/tfds).
     is_builder_process: True on the one process that builds (process 0); the others wait for it.
-    retrieval_text_queries: category -> text queries for text->image retrieval; the synthetic corpus
-      brings its own.
+    retrieval_text_queries: category -> text queries for text->image retrieval; by default the builder
+      module's RETRIEVAL_TEXT_QUERIES, if it has them (the synthetic corpus does).
     wait_timeout_s, poll_interval_s: how long and how often a non-builder process looks for the build.
 
   Raises:
@@ -206,9 +208,8 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
           flush=True)
   if config.data.strict:
     _refuse_skipped_records(path, metadata)
-  if retrieval_text_queries is None and config.data.name == "synthetic":
-    from convirt_jax.data import synthetic_cxr  # pylint: disable=g-import-not-at-top
-    retrieval_text_queries = synthetic_cxr.RETRIEVAL_TEXT_QUERIES
+  if retrieval_text_queries is None:  # a builder module may bring its own (the synthetic corpus does)
+    retrieval_text_queries = getattr(_builder_parts(config)[0], "RETRIEVAL_TEXT_QUERIES", None)
   return Dataset(
       sources=sources,
       label_names=list(metadata.get("label_names", [])),

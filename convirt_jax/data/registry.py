@@ -12,19 +12,22 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Entry:
   name: str     # config.data.name
-  module: str   # its builder's module: convirt_jax.data.builders.<module>, imported on use
+  module: str   # its builder's module, imported on use: convirt_jax.data.builders.<module>, or a full
+                # dotted path (a builder kept outside the package)
   builder: str  # the builder class in that module
   title: str    # how the results and the plots name it
+  needs_dir: str = ""  # what config.data.dir must be (a download it is built from), "" if nothing
 
 
 _ENTRIES: dict[str, Entry] = {}
 
 
-def register(name: str, module: str, builder: str, title: str) -> Entry:
-  """Adds a data set (a module imported by name when first used); the name must be new."""
+def register(name: str, module: str, builder: str, title: str, *, needs_dir: str = "") -> Entry:
+  """Adds a data set (a module imported by name when first used); the name must be new. `needs_dir`:
+  what config.data.dir must name for it ("the MIMIC-CXR-JPG directory"), checked with the config."""
   if name in _ENTRIES:
     raise ValueError(f"a data set named {name!r} is registered already ({_ENTRIES[name]})")
-  _ENTRIES[name] = Entry(name, module, builder, title)
+  _ENTRIES[name] = Entry(name, module, builder, title, needs_dir)
   return _ENTRIES[name]
 
 
@@ -38,6 +41,11 @@ def find(name: str) -> Entry | None:
   return _ENTRIES.get(name)
 
 
+def needs_dir(name: str) -> str:
+  """What config.data.dir must name for the data set ("" when it needs none or is not registered)."""
+  return _ENTRIES[name].needs_dir if name in _ENTRIES else ""
+
+
 def title(name: str) -> str:
   """The data set's title, or its name when none is registered (a results file of another version)."""
   return _ENTRIES[name].title if name in _ENTRIES else name
@@ -45,10 +53,10 @@ def title(name: str) -> str:
 
 # Pretraining sets (image-report pairs).
 register("synthetic", "synthetic", "SyntheticCxr", "Synthetic CXR")
-register("mimic_cxr", "mimic_cxr", "MimicCxr", "MIMIC-CXR")
+register("mimic_cxr", "mimic_cxr", "MimicCxr", "MIMIC-CXR", needs_dir="the MIMIC-CXR-JPG directory")
 register("csv", "csv_pairs", "CsvPairs", "CSV labels")
 # The paper's downstream classification sets (images and labels, no reports).
-register("rsna", "rsna", "RsnaPneumonia", "RSNA Pneumonia")
-register("chexpert", "chexpert", "Chexpert", "CheXpert")
-register("covidx", "covidx", "Covidx", "COVIDx")
-register("mura", "mura", "Mura", "MURA")
+register("rsna", "rsna", "RsnaPneumonia", "RSNA Pneumonia", needs_dir="the directory of the rsna download")
+register("chexpert", "chexpert", "Chexpert", "CheXpert", needs_dir="the directory of the chexpert download")
+register("covidx", "covidx", "Covidx", "COVIDx", needs_dir="the directory of the covidx download")
+register("mura", "mura", "Mura", "MURA", needs_dir="the directory of the mura download")

@@ -36,13 +36,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from convirt_jax import parallel
 from convirt_jax.data.builders import common
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import retrieval
-from convirt_jax.models import classifier as classifier_lib
-from convirt_jax.training import classifier_steps
+from convirt_jax.training import metric_logging
 
 TITLE = "CheXpert 8×200 retrieval"
 SOURCE_URL = "https://github.com/yuhaozhang/convirt"
@@ -237,8 +235,24 @@ def evaluate_encoder(encoder_variables: dict[str, Any], classifier, retrieval_se
     text_emb = convirt.encode_texts(list(retrieval_set.texts))
     return score(retrieval_set, ks, cand["image_features"], query["image_features"],
                  candidate_emb=cand["image_emb"], text_emb=text_emb)
-  variables = parallel.replicate(classifier_lib.classifier_variables(classifier, encoder_variables, seed=0), mesh)
-  features_fn = classifier_steps.make_predict_fn(classifier, mesh, features=True)
-  cand, _ = features_lib.predict(features_fn, variables, candidates, config, mesh)
-  query, _ = features_lib.predict(features_fn, variables, queries, config, mesh)
-  return score(retrieval_set, ks, cand, query)
+  embedded = features_lib.pooled_features(classifier, encoder_variables,
+                                          {"candidates": candidates, "queries": queries}, config, mesh)
+  return score(retrieval_set, ks, embedded["candidates"][0], embedded["queries"][0])
+
+
+def run(job, encoder) -> dict[str, Any]:
+  """The transfer job's protocol (`protocols.py`: "retrieval"): image->image on the pooled features of
+  every encoder, text->image on the projections of a ConVIRT encoder; `job.retrieval_set` was opened (its
+  images read and checked) before anything compiled."""
+  config = job.config
+  settings = {"encoder": encoder.spec, "encoder_step": encoder.step,
+              "imagenet_weights": config.imagenet_weights if encoder.kind == "imagenet" else "",
+              "random_init_seed": config.random_init_seed if encoder.kind == "random" else None,
+              "architecture": job.arch.as_dict(), "retrieval": job.retrieval_set.identity,
+              "k": list(config.retrieval.k)}
+
+  def compute():
+    metric_logging.announce(f"Retrieval protocol: {encoder.name}...")
+    return evaluate_encoder(job.encoder_variables(encoder), job.model, job.retrieval_set, config, job.mesh,
+                            convirt=job.convirt(encoder) if encoder.is_convirt else None)
+  return job.cached("retrieval", encoder, settings, compute)

@@ -1,8 +1,9 @@
 """Runs the evaluators named in `config.evals` for several encoders and writes the results files.
 
-Each entry of `config.evals` is the name of an evaluator module here with one entry function
-`evaluate(embedder, dataset, tokenizer, config, settings, ...)` that returns a JSON-ready result (or None
-when the data set does not support it), so a new evaluation is one new module plus one config entry:
+Each key of `config.evals` names a pretraining protocol of `protocols.py`, whose module has one entry
+function `evaluate(embedder, dataset, tokenizer, config, settings, *, plot_dir)` that returns a
+JSON-ready result (or None when the data set does not support it), so a new evaluation is its module,
+one registration line and its config entry:
 
   linear_probe  the paper's linear classification (Table 1 protocol) on the frozen pooled features
   retrieval     Prec@k image->image and text->image (the CheXpert 8x200 protocol of Table 2)
@@ -21,9 +22,8 @@ import jax
 from convirt_jax.data.datasets import Dataset
 from convirt_jax.errors import NothingToEvaluate
 from convirt_jax.evaluate import features as features_lib
-from convirt_jax.evaluate import linear_probe, plots, results as results_lib, retrieval
+from convirt_jax.evaluate import plots, protocols, results as results_lib
 
-EVALUATORS = {"linear_probe": linear_probe.evaluate, "retrieval": retrieval.evaluate}
 PROBE_CURVES_PNG = "probe_curves.png"
 
 
@@ -33,11 +33,11 @@ def evaluate_method(embedder: features_lib.Embedder, dataset: Dataset, tokenizer
   evaluation the data cannot support is left out, with its reason in `skipped`."""
   result = {}
   for name, settings in config.evals.items():
-    if name not in EVALUATORS:
-      raise ValueError(f"config.evals.{name}: no such evaluator (there are {sorted(EVALUATORS)})")
-    kwargs = {"plot_dir": plot_dir} if name == "retrieval" else {}
+    if name not in protocols.names("pretrain"):
+      raise ValueError(f"config.evals.{name}: no such evaluator (there are {protocols.names('pretrain')})")
     try:
-      value = EVALUATORS[name](embedder, dataset, tokenizer, config, settings, **kwargs)
+      value = protocols.get("pretrain", name).load().evaluate(embedder, dataset, tokenizer, config,
+                                                              settings, plot_dir=plot_dir)
     except NothingToEvaluate as e:
       logging.warning("%s skipped: %s", name, e)
       if skipped is not None:

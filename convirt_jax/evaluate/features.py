@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import jax
@@ -16,7 +17,9 @@ import numpy as np
 
 from convirt_jax import parallel
 from convirt_jax.data import pipeline
+from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.models.convirt import INPUT_KEYS, ConVIRTModel
+from convirt_jax.training import classifier_steps
 
 
 class Subset:
@@ -58,6 +61,18 @@ def predict(fn: Callable, variables: Any, source: Sequence[Any], config: ml_coll
   compute = lambda batch: {"rows": fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])}
   rows = in_order(batches, compute, len(source))
   return rows["rows"], rows["labels"]
+
+
+def pooled_features(classifier, encoder_variables: Mapping[str, Any], sources: Mapping[str, Sequence[Any]],
+                    config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{name: (pooled features f_v, labels)} of each source, embedded by the image encoder of
+  `classifier` (a `models.classifier.ImageClassifier`) with `encoder_variables`: how the transfer job's
+  protocols embed every kind of encoder."""
+  variables = parallel.replicate(classifier_lib.classifier_variables(classifier, encoder_variables, seed=0),
+                                 mesh)
+  features_fn = classifier_steps.make_predict_fn(classifier, mesh, features=True)
+  return {name: predict(features_fn, variables, source, config, mesh) for name, source in sources.items()}
 
 
 def in_order(batches, compute: Callable[[dict], dict], n: int) -> dict[str, np.ndarray]:

@@ -41,8 +41,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from convirt_jax.data import registry
-from convirt_jax.errors import NothingToEvaluate
+from convirt_jax.errors import DataError, NothingToEvaluate
 from convirt_jax.evaluate import features as features_lib
+from convirt_jax.training import metric_logging
 
 TASKS = ("multilabel", "multiclass")
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -279,9 +280,43 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
           "excluded_labels": excluded, "convergence_warnings": num_warnings, "fractions": entries}
 
 
-def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings) -> dict[str, Any] | None:
+def run(job, encoder) -> dict[str, Any]:
+  """The transfer job's linear protocol (`protocols.py`: "linear"): `linear_probe` on the frozen
+  encoder's pooled features, on the job's training subsets.
+
+  The paper trains a linear layer with Adam on frozen features; this is the same model (a linear
+  classifier with a logistic loss) fitted to its optimum by L-BFGS, with the L2 strength chosen on
+  validation. The problem is convex, so both reach the same family of optima; L-BFGS does so
+  deterministically, without a learning rate or epoch count to tune, and in seconds on a CPU. It is the
+  one implementation the pretraining job's evaluation uses too.
+  """
+  config = job.config
+  settings = {**job.identity(encoder), "linear": config.linear.to_dict()}
+
+  def compute():
+    metric_logging.announce(f"Linear protocol: {encoder.name}...")
+    sources = {s: v for s, v in job.dataset.sources.items() if s in ("train", "validation", "test")}
+    splits = features_lib.pooled_features(job.model, job.encoder_variables(encoder), sources, config, job.mesh)
+    val, linear = splits.get("validation"), config.linear
+    try:
+      result = linear_probe(
+          splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
+          label_names=job.label_names, task="multiclass" if job.task == "multiclass" else "multilabel",
+          fractions=tuple(config.fractions), seeds=tuple(config.seeds),
+          val_features=None if val is None else val[0], val_labels=None if val is None else val[1],
+          c_grid=tuple(linear.c_grid), default_c=linear.default_c, max_iter=linear.max_iter,
+          min_train=config.min_train)
+    except ValueError as e:
+      raise DataError(f"linear protocol on {encoder.name}: {e}") from e
+    return dict(result, task=job.task)
+  return job.cached("linear", encoder, settings, compute)
+
+
+def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings, *,
+             plot_dir: str | None = None) -> dict[str, Any] | None:
   """The evaluator of `config.evals.linear_probe`: {dataset title: `linear_probe(...)` output} on the
-  frozen encoder's pooled features, or None when the data set has no labels or no train/test split."""
+  frozen encoder's pooled features, or None when the data set has no labels or no train/test split.
+  (It draws no plot: `plot_dir` is unused.)"""
   splits = dataset.sources
   if not dataset.label_names or "train" not in splits or "test" not in splits:
     return None

@@ -14,9 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from convirt_jax import storage
-from convirt_jax.evaluate.results import (METRIC_NAMES, NON_FINITE, TRANSFER_PROTOCOLS, datasets_of,
-                                         fraction_label, to_json_ready, validate_results,
-                                         validate_transfer_results)
+from convirt_jax.evaluate import protocols as protocols_lib
+from convirt_jax.evaluate.results import (METRIC_NAMES, NON_FINITE, datasets_of, fraction_label,
+                                         to_json_ready, validate_results, validate_transfer_results)
 from convirt_jax.training.metric_logging import read_metrics
 
 RELEVANT_COLOR, IRRELEVANT_COLOR = "#2ca02c", "#d62728"
@@ -160,15 +160,17 @@ def plot_probe_curves(results: Mapping[str, Any], out_png: str | os.PathLike) ->
 
 def plot_transfer_curves(results: Mapping[str, Any], out_png: str | os.PathLike) -> None:
   """The transfer job's metric against the fraction of training labels (log axis): one panel per
-  protocol (linear, fine-tuning), one line per encoder (error bars = std over seeds); zero-shot scores,
-  which use no labels, are dashed horizontal lines in every panel."""
+  protocol over fractions (linear, fine-tuning), one line per encoder (error bars = std over seeds);
+  single scores (zero-shot), which use no labels, are dashed horizontal lines in every panel."""
   results = to_json_ready(results)
   validate_transfer_results(results)
   methods, metric = results["methods"], results["metric"]
-  protocols = [p for p in ("linear", "finetune") if any(p in e for e in methods.values())]
-  zeroshot = {m: e["zeroshot"]["main"] for m, e in methods.items()
-              if "zeroshot" in e and e["zeroshot"]["main"] is not None}
-  panels = protocols or ["zeroshot"]
+  present = [p for p in protocols_lib.of("transfer") if any(p.name in e for e in methods.values())]
+  titles = {p.name: p.title.split(" (")[0] for p in present}
+  scores = {(m, p.name): e[p.name]["main"] for p in present if p.result == "scores"
+            for m, e in methods.items() if p.name in e and e[p.name]["main"] is not None}
+  panels = ([p.name for p in present if p.result == "fractions"]
+            or [p.name for p in present if p.result == "scores"][:1])
   fig = Figure(figsize=(5 * len(panels), 4), dpi=110, layout="constrained")
   colors = {m: f"C{i}" for i, m in enumerate(methods)}
   for ax, protocol in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
@@ -181,15 +183,15 @@ def plot_transfer_curves(results: Mapping[str, Any], out_png: str | os.PathLike)
         ax.errorbar([r["fraction"] for r in rows], [100 * r["mean"] for r in rows],
                     yerr=[100 * (r["std"] or 0.0) for r in rows], marker="o", capsize=4,
                     color=colors[method], label=method)
-    for method, value in zeroshot.items():
-      ax.axhline(100 * value, ls="--", lw=1.2, color=colors[method], label=f"{method} zero-shot")
+    for (method, name), value in scores.items():
+      ax.axhline(100 * value, ls="--", lw=1.2, color=colors[method], label=f"{method} {titles[name].lower()}")
     if fractions:
       ax.set_xscale("log")
       ax.set_xticks(sorted(fractions), [fraction_label(f) for f in sorted(fractions)])
       ax.minorticks_off()
     ax.set_xlabel("fraction of training labels")
     ax.set_ylabel(METRIC_NAMES[metric])
-    ax.set_title(TRANSFER_PROTOCOLS[protocol].split(" (")[0])
+    ax.set_title(titles[protocol])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   _save(fig, out_png)

@@ -38,6 +38,7 @@ import numpy as np
 
 from convirt_jax import storage
 from convirt_jax.data import registry
+from convirt_jax.evaluate import protocols
 
 # config.data.name -> the data set's name in tables (results of other protocols than the paper's are
 # named by their data set, never "Table N").
@@ -83,21 +84,41 @@ def validate_results(results: Mapping[str, Any]) -> None:
   methods = results["methods"]
   if not isinstance(methods, Mapping) or not methods:
     raise ValueError("results['methods']: expected a non-empty dict of method name -> results")
+  _check_methods(methods, "pretrain", "keys")
+
+
+def _check_methods(methods: Mapping[str, Any], job: str, what: str) -> None:
+  """Each method's entry: only the job's protocols, each result of its protocol's shape."""
+  known = protocols.of(job)
   for method, entry in methods.items():
     path = f"results['methods'][{method!r}]"
     _require(entry, (), path)
-    unknown = set(entry) - {"linear_probe", "retrieval"}
+    unknown = set(entry) - {p.name for p in known}
     if unknown:
-      raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected 'linear_probe', 'retrieval'")
-    for key in ("linear_probe", "retrieval"):
-      _require(entry.get(key, {}), (), f"{path}[{key!r}]")
-    for dataset, probe in entry.get("linear_probe", {}).items():
-      probe_path = f"{path}['linear_probe'][{dataset!r}]"
-      _require(probe, ("metric", "fractions"), probe_path)
-      if probe["metric"] not in METRIC_NAMES:
-        raise ValueError(f"{probe_path}['metric']: {probe['metric']!r} not in {sorted(METRIC_NAMES)}")
-      _check_fraction_rows(probe["fractions"], f"{probe_path}['fractions']")
-    _check_retrieval(entry.get("retrieval", {}), f"{path}['retrieval']")
+      raise ValueError(f"{path}: unknown {what} {sorted(unknown)}; expected "
+                       f"{', '.join(repr(p.name) for p in known)}")
+    for protocol in known:
+      if protocol.name in entry:
+        _CHECKS[protocol.result](entry[protocol.name], f"{path}[{protocol.name!r}]")
+
+
+def _check_probe(probes: Mapping[str, Any], path: str) -> None:
+  _require(probes, (), path)
+  for dataset, probe in probes.items():
+    probe_path = f"{path}[{dataset!r}]"
+    _require(probe, ("metric", "fractions"), probe_path)
+    if probe["metric"] not in METRIC_NAMES:
+      raise ValueError(f"{probe_path}['metric']: {probe['metric']!r} not in {sorted(METRIC_NAMES)}")
+    _check_fraction_rows(probe["fractions"], f"{probe_path}['fractions']")
+
+
+def _check_fractions(entry: Mapping[str, Any], path: str) -> None:
+  _require(entry, ("fractions",), path)
+  _check_fraction_rows(entry["fractions"], f"{path}['fractions']")
+
+
+def _check_scores(entry: Mapping[str, Any], path: str) -> None:
+  _require(entry, ("main", "per_label"), path)
 
 
 def _check_fraction_rows(rows: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -106,12 +127,17 @@ def _check_fraction_rows(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def _check_retrieval(retrieval: Mapping[str, Any], path: str) -> None:
+  _require(retrieval, (), path)
   for direction, scores in retrieval.items():
     retrieval_path = f"{path}[{direction!r}]"
     if direction not in DIRECTIONS:
       raise ValueError(f"{retrieval_path}: unknown direction; expected one of {sorted(DIRECTIONS)}")
     _require(scores, ("ks", "chance"), retrieval_path)
     _require(scores, [f"prec@{k}" for k in scores["ks"]], retrieval_path)
+
+
+_CHECKS = {"probe": _check_probe, "fractions": _check_fractions, "scores": _check_scores,
+           "retrieval": _check_retrieval}
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -127,11 +153,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def datasets_of(methods: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
-  """Dataset -> (metric, fractions in first-seen order) over every method."""
+def datasets_of(methods: Mapping[str, Any], key: str = "linear_probe") -> dict[str, tuple[str, list[float]]]:
+  """Dataset -> (metric, fractions in first-seen order) of the probe results under `key`, over every
+  method."""
+  return _probe_datasets({m: e.get(key, {}) for m, e in methods.items()})
+
+
+def _probe_datasets(probes: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
   datasets: dict[str, tuple[str, list[float]]] = {}
-  for entry in methods.values():
-    for dataset, probe in entry.get("linear_probe", {}).items():
+  for by_dataset in probes.values():
+    for dataset, probe in by_dataset.items():
       metric, fractions = datasets.setdefault(dataset, (probe["metric"], []))
       if probe["metric"] != metric:
         raise ValueError(f"linear_probe[{dataset!r}]: metric {probe['metric']!r} in one method and "
@@ -144,18 +175,19 @@ def _probe_rows(probe: Mapping[str, Any] | None) -> dict[float, Mapping[str, Any
   return {} if probe is None else {r["fraction"]: r for r in probe["fractions"]}
 
 
-def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
-  datasets = datasets_of(methods)
+def _probe_markdown(probes: Mapping[str, Any], title: str) -> list[str]:
+  """The probe block: {method: {data set: probe result}} -> a Table 1-like table and per-label tables."""
+  datasets = _probe_datasets(probes)
   if not datasets:
     return []
-  header, lines = ["Method"], [f"## Linear classification: {', '.join(datasets)}", ""]
+  header, lines = ["Method"], [f"## {title}: {', '.join(datasets)}", ""]
   for dataset, (_, fractions) in datasets.items():
     header += [f"{dataset} {fraction_label(f)}" for f in fractions]
   rows = []
-  for method, entry in methods.items():
+  for method, entry in probes.items():
     row = [method]
     for dataset, (_, fractions) in datasets.items():
-      by_fraction = _probe_rows(entry.get("linear_probe", {}).get(dataset))
+      by_fraction = _probe_rows(entry.get(dataset))
       for f in fractions:
         r = by_fraction.get(f)
         row.append(MISSING if r is None or r["mean"] is None
@@ -165,8 +197,8 @@ def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
   notes = []
   for dataset, (metric, fractions) in datasets.items():
     sizes = {}
-    for entry in methods.values():
-      for f, r in _probe_rows(entry.get("linear_probe", {}).get(dataset)).items():
+    for entry in probes.values():
+      for f, r in _probe_rows(entry.get(dataset)).items():
         sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
     size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
                           for f in fractions)
@@ -176,12 +208,12 @@ def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
 
   for dataset, (_, fractions) in datasets.items():
     label_names = []
-    for entry in methods.values():
-      for r in entry.get("linear_probe", {}).get(dataset, {}).get("fractions", []):
+    for entry in probes.values():
+      for r in entry.get(dataset, {}).get("fractions", []):
         label_names += [n for n in r["per_label"] if n not in label_names]
     rows = []
-    for method, entry in methods.items():
-      by_fraction = _probe_rows(entry.get("linear_probe", {}).get(dataset))
+    for method, entry in probes.items():
+      by_fraction = _probe_rows(entry.get(dataset))
       for f in fractions:
         if f in by_fraction:
           per_label = by_fraction[f]["per_label"]
@@ -193,8 +225,7 @@ def _probe_markdown(methods: Mapping[str, Any]) -> list[str]:
 
 def _chance(methods: Mapping[str, Any], direction: str) -> float | None:
   """The chance level of a direction, which must agree between methods (same query/candidate sets)."""
-  found = {m: e["retrieval"][direction]["chance"] for m, e in methods.items()
-           if direction in e.get("retrieval", {})}
+  found = {m: e[direction]["chance"] for m, e in methods.items() if direction in e}
   if not found:
     return None
   values = list(found.values())
@@ -204,11 +235,13 @@ def _chance(methods: Mapping[str, Any], direction: str) -> float | None:
   return values[0]
 
 
-def _retrieval_markdown(methods: Mapping[str, Any], dataset: str) -> list[str]:
-  directions = [d for d in DIRECTIONS if any(d in e.get("retrieval", {}) for e in methods.values())]
+def _retrieval_markdown(methods: Mapping[str, Any], dataset: str, title: str) -> list[str]:
+  """The retrieval block (Table 2): {method: {direction: scores}} -> Prec@k tables, absolute and
+  relative to chance."""
+  directions = [d for d in DIRECTIONS if any(d in e for e in methods.values())]
   if not directions:
     return []
-  ks = {d: sorted({k for e in methods.values() for k in e.get("retrieval", {}).get(d, {}).get("ks", [])})
+  ks = {d: sorted({k for e in methods.values() for k in e.get(d, {}).get("ks", [])})
         for d in directions}
   header = ["Method"] + [f"{DIRECTIONS[d]} Prec@{k}" for d in directions for k in ks[d]]
   chance = {d: _chance(methods, d) for d in directions}
@@ -218,7 +251,7 @@ def _retrieval_markdown(methods: Mapping[str, Any], dataset: str) -> list[str]:
     for method, entry in methods.items():
       row = [method]
       for d in directions:
-        scores = entry.get("retrieval", {}).get(d, {})
+        scores = entry.get(d, {})
         for k in ks[d]:
           value = scores.get(f"prec@{k}")
           if value is None or (relative and not chance[d]):
@@ -228,9 +261,8 @@ def _retrieval_markdown(methods: Mapping[str, Any], dataset: str) -> list[str]:
       out.append(row)
     return out
 
-  first = next(e["retrieval"][directions[0]] for e in methods.values()
-               if directions[0] in e.get("retrieval", {}))
-  lines = [f"## Retrieval: {dataset}", "",
+  first = next(e[directions[0]] for e in methods.values() if directions[0] in e)
+  lines = [f"## {title}: {dataset}", "",
            f"Prec@k ×100: share of the top k candidates in the query's category "
            f"({first.get('n_candidates', '?')} candidates for {DIRECTIONS[directions[0]].lower()}).", ""]
   lines += _table(header, rows(relative=False))
@@ -249,7 +281,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     lines.append(f"- {key}: {text}")
   name = results.get("run", {}).get("config")
   dataset = registry.title(name) if name in registry.names() else "the evaluation set"
-  for section in (_probe_markdown(methods), _retrieval_markdown(methods, dataset)):
+  for protocol in protocols.of("pretrain"):
+    of_protocol = {m: e.get(protocol.name, {}) for m, e in methods.items()}  # a row for every method
+    if protocol.result == "probe":
+      section = _probe_markdown(of_protocol, protocol.title)
+    elif protocol.result == "retrieval":
+      section = _retrieval_markdown(of_protocol, protocol.table or dataset, protocol.title)
+    else:
+      raise ValueError(f"pretraining protocol {protocol.name!r}: no renderer for {protocol.result!r} results")
     if section:
       lines += [""] + section
   return "\n".join(lines) + "\n"
@@ -281,47 +320,74 @@ def _write_json_and_markdown(workdir: str | os.PathLike, ready: Mapping[str, Any
 # "metric" (and "task", "label_names") only when a classification protocol ran: the CheXpert 8x200
 # retrieval alone has none. Its block is the paper's Table 2 shape.
 
-TRANSFER_PROTOCOLS = {"linear": "Linear classification (frozen encoder)", "finetune": "Fine-tuning",
-                      "zeroshot": "Zero-shot (prompt embeddings; not a protocol of the paper)",
-                      "retrieval": "Retrieval"}
-RETRIEVAL_TABLE = "CheXpert 8×200, the paper's Table 2"
+def transfer_titles() -> dict[str, str]:
+  """The transfer protocols' titles by name."""
+  return {p.name: p.title for p in protocols.of("transfer")}
 
 
 def validate_transfer_results(results: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first key that does not follow the structure above."""
+  classifying = [p.name for p in protocols.of("transfer") if p.result in ("fractions", "scores")]
   classification = any(p in e for e in results.get("methods", {}).values() if isinstance(e, Mapping)
-                       for p in ("linear", "finetune", "zeroshot"))
+                       for p in classifying)
   _require(results, ("methods", "metric") if classification else ("methods",), "results")
   if "metric" in results and results["metric"] not in METRIC_NAMES:
     raise ValueError(f"results['metric']: {results['metric']!r} not in {sorted(METRIC_NAMES)}")
-  for method, entry in results["methods"].items():
-    path = f"results['methods'][{method!r}]"
-    _require(entry, (), path)
-    unknown = set(entry) - set(TRANSFER_PROTOCOLS)
-    if unknown:
-      raise ValueError(f"{path}: unknown protocols {sorted(unknown)}; expected {sorted(TRANSFER_PROTOCOLS)}")
-    for protocol in ("linear", "finetune"):
-      if protocol in entry:
-        _require(entry[protocol], ("fractions",), f"{path}[{protocol!r}]")
-        _check_fraction_rows(entry[protocol]["fractions"], f"{path}[{protocol!r}]['fractions']")
-    if "zeroshot" in entry:
-      _require(entry["zeroshot"], ("main", "per_label"), f"{path}['zeroshot']")
-    _check_retrieval(entry.get("retrieval", {}), f"{path}['retrieval']")
+  _check_methods(results["methods"], "transfer", "protocols")
 
 
-def _fractions_of(methods: Mapping[str, Any], protocol: str) -> list[float]:
+def _fractions_of(results: Mapping[str, Any]) -> list[float]:
   fractions = []
-  for entry in methods.values():
-    for row in entry.get(protocol, {}).get("fractions", []):
+  for result in results.values():
+    for row in result.get("fractions", []):
       if row["fraction"] not in fractions:
         fractions.append(row["fraction"])
   return sorted(fractions)
 
 
+def _fractions_block(results: Mapping[str, Any], title: str, unit: str) -> list[str]:
+  """A Table 1 block: {method: fractions result} -> rows: methods; columns: label fractions."""
+  fractions = _fractions_of(results)
+  if not fractions:
+    return []
+  rows, sizes = [], {}
+  for method, result in results.items():
+    by_fraction = _probe_rows(result)
+    if not by_fraction:
+      continue
+    rows.append([method] + [MISSING if by_fraction.get(f) is None or by_fraction[f]["mean"] is None
+                            else f"{_pct(by_fraction[f]['mean'])} ± {_pct(by_fraction[f]['std'])}"
+                            for f in fractions])
+  for result in results.values():
+    for f, r in _probe_rows(result).items():
+      sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
+  size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
+                        for f in fractions)
+  return (["", f"## {title}", ""] + _table(["Method"] + [fraction_label(f) for f in fractions], rows)
+          + ["", f"{unit}, mean ± std over seeds; training examples {size_text}."])
+
+
+def _fractions_per_label(results: Mapping[str, Any], title: str, label_names: list[str]) -> list[str]:
+  rows = [[method, fraction_label(f)] + [_pct(r["per_label"].get(n)) for n in label_names]
+          for method, result in results.items() for f, r in sorted(_probe_rows(result).items())]
+  return ["", f"### {title}", ""] + _table(["Method", "Label fraction"] + label_names, rows) if rows else []
+
+
+def _scores_block(results: Mapping[str, Any], title: str, unit: str) -> list[str]:
+  return ["", f"## {title}", ""] + _table(["Method", unit], [[m, _pct(z["main"])] for m, z in results.items()])
+
+
+def _scores_per_label(results: Mapping[str, Any], title: str, label_names: list[str]) -> list[str]:
+  return ["", f"### {title.split(' (')[0]}", ""] + _table(
+      ["Method"] + label_names, [[m] + [_pct(z["per_label"].get(n)) for n in label_names]
+                                 for m, z in results.items()])
+
+
 def transfer_markdown(results: Mapping[str, Any]) -> str:
-  """results.md of the transfer job: one Table 1 block per protocol (rows: encoders; columns: label
-  fractions; mean ± std over seeds), the zero-shot scores, the CheXpert 8x200 retrieval (Table 2 shape),
-  per-label tables and the excluded labels."""
+  """results.md of the transfer job: each protocol's block in registration order (`protocols.py`): a
+  Table 1 block per fractions protocol (rows: encoders; columns: label fractions; mean ± std over seeds),
+  the zero-shot scores, the CheXpert 8x200 retrieval (Table 2 shape); then the per-label tables and the
+  excluded labels."""
   validate_transfer_results(results)
   methods, metric = results["methods"], results.get("metric")
   unit = METRIC_NAMES.get(metric, "")
@@ -329,51 +395,22 @@ def transfer_markdown(results: Mapping[str, Any]) -> str:
   for key, value in results.get("run", {}).items():
     text = value if isinstance(value, str) else json.dumps(to_json_ready(value), ensure_ascii=False)
     lines.append(f"- {key}: {text}")
-  for protocol in ("linear", "finetune"):
-    fractions = _fractions_of(methods, protocol)
-    if not fractions:
-      continue
-    rows = []
-    for method, entry in methods.items():
-      by_fraction = _probe_rows(entry.get(protocol))
-      if not by_fraction:
-        continue
-      row = [method]
-      for f in fractions:
-        r = by_fraction.get(f)
-        row.append(MISSING if r is None or r["mean"] is None else f"{_pct(r['mean'])} ± {_pct(r['std'])}")
-      rows.append(row)
-    sizes = {}
-    for entry in methods.values():
-      for f, r in _probe_rows(entry.get(protocol)).items():
-        sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
-    size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
-                          for f in fractions)
-    lines += ["", f"## {TRANSFER_PROTOCOLS[protocol]}", ""]
-    lines += _table(["Method"] + [fraction_label(f) for f in fractions], rows)
-    lines += ["", f"{unit}, mean ± std over seeds; training examples {size_text}."]
-  zeroshot = {m: e["zeroshot"] for m, e in methods.items() if "zeroshot" in e}
-  if zeroshot:
-    lines += ["", f"## {TRANSFER_PROTOCOLS['zeroshot']}", ""]
-    lines += _table(["Method", unit], [[m, _pct(z["main"])] for m, z in zeroshot.items()])
-  retrieval = {m: e for m, e in methods.items() if "retrieval" in e}
-  if retrieval:
-    lines += [""] + _retrieval_markdown(retrieval, RETRIEVAL_TABLE)
+  by_protocol = {p: {m: e[p.name] for m, e in methods.items() if p.name in e} for p in protocols.of("transfer")}
+  for protocol, of_protocol in by_protocol.items():
+    if protocol.result == "fractions":
+      lines += _fractions_block(of_protocol, protocol.title, unit)
+    elif protocol.result == "scores" and of_protocol:
+      lines += _scores_block(of_protocol, protocol.title, unit)
+    elif protocol.result == "retrieval" and of_protocol:
+      lines += [""] + _retrieval_markdown(of_protocol, protocol.table, protocol.title)
   label_names = list(results.get("label_names", []))
   if label_names:
     lines += ["", f"## Per label ({unit}; {MISSING} = not scorable)"]
-    for protocol in ("linear", "finetune"):
-      rows = []
-      for method, entry in methods.items():
-        for f, r in sorted(_probe_rows(entry.get(protocol)).items()):
-          rows.append([method, fraction_label(f)] + [_pct(r["per_label"].get(n)) for n in label_names])
-      if rows:
-        lines += ["", f"### {TRANSFER_PROTOCOLS[protocol]}", ""]
-        lines += _table(["Method", "Label fraction"] + label_names, rows)
-    if zeroshot:
-      lines += ["", "### Zero-shot", ""]
-      lines += _table(["Method"] + label_names,
-                      [[m] + [_pct(z["per_label"].get(n)) for n in label_names] for m, z in zeroshot.items()])
+    for protocol, of_protocol in by_protocol.items():
+      if protocol.result == "fractions":
+        lines += _fractions_per_label(of_protocol, protocol.title, label_names)
+      elif protocol.result == "scores" and of_protocol:
+        lines += _scores_per_label(of_protocol, protocol.title, label_names)
   excluded = [f"- {method} / {protocol}: {name}: {reason}"
               for method, entry in methods.items() for protocol, value in entry.items()
               for name, reason in value.get("excluded_labels", {}).items()]

@@ -16,8 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 from convirt_jax.errors import ConfigError
+from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe
 from convirt_jax.losses import l2_normalize
+from convirt_jax.training import metric_logging
 
 # CheXpert's five competition labels (the chexpert builder's label names), phrased like report sentences.
 CHEXPERT_PROMPTS: dict[str, tuple[str, ...]] = {
@@ -116,3 +118,22 @@ def evaluate_zeroshot(image_emb: np.ndarray, labels: np.ndarray, label_names: Se
     return {**result, "metric": "accuracy", "main": float(np.mean(predicted == truth))}
   valid = [v for v in per_label.values() if v is not None]
   return {**result, "metric": "auc", "main": float(np.mean(valid)) if valid else None}
+
+
+def run(job, encoder) -> dict[str, Any] | None:
+  """The transfer job's protocol (`protocols.py`: "zeroshot"): the test split's image projections
+  scored against the prompts' text embeddings; None for an encoder without a text tower (not ConVIRT)."""
+  if not encoder.is_convirt:
+    return None
+  prompts, unprompted = resolve_prompts(job.config.zeroshot.prompts.to_dict(), job.label_names, job.task)
+
+  def compute():
+    metric_logging.announce(f"Zero-shot protocol: {encoder.name}...")
+    convirt = job.convirt(encoder)
+    embedder = features_lib.Embedder(convirt.model, convirt.variables, job.mesh)
+    test = embedder.split(job.dataset.sources["test"], None, job.config, with_text=False)
+    class_emb = class_embeddings(prompts, convirt.encode_texts)
+    result = evaluate_zeroshot(test["image_emb"], test["labels"], job.label_names, job.task, class_emb,
+                               excluded=unprompted)
+    return dict(result, prompts=prompts)
+  return job.cached("zeroshot", encoder, {**job.identity(encoder), "prompts": prompts}, compute)

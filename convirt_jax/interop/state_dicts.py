@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from convirt_jax.errors import CheckpointError
+from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -106,3 +106,29 @@ def list_keys(keys: list[str]) -> str:
   shown = ", ".join(repr(k) for k in keys[:MAX_KEYS_IN_ERROR])
   more = len(keys) - MAX_KEYS_IN_ERROR
   return f"{shown} and {more} more" if more > 0 else shown
+
+
+def imagenet_source(init_from: str, model_name: str, example_file: str) -> Any:
+  """What `model.image.init_from` names, for an encoder's loader: "torchvision" -> the state dict of
+  torchvision's IMAGENET1K_V1 weights of `model_name` (downloaded; needs torchvision and a network),
+  else the weights file, which must exist. One-line errors name the key (`example_file`: the path the
+  error suggests, "/path/to/resnet.pth")."""
+  if init_from == "torchvision":
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top  (optional: only this option needs it)
+    except ImportError as e:
+      raise ConfigError("model.image.init_from='torchvision' needs torchvision installed; or set it "
+                        "to a downloaded .pth/.pt/.safetensors file") from e
+    try:
+      return getattr(torchvision.models, model_name)(weights="IMAGENET1K_V1").state_dict()
+    except Exception as e:  # pylint: disable=broad-except  (URLError offline, HTTP errors, ...)
+      weights = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
+      raise WeightsNotFound(
+          f"could not download torchvision's ImageNet weights for {model_name} ({type(e).__name__}: "
+          f"{first_line(e)}). Without network access, download {weights.url} elsewhere and pass the "
+          f"file: --config.model.image.init_from={example_file}") from None
+  if not init_from:
+    raise ConfigError("model.image.init_from is empty: there is nothing to load")
+  if not Path(init_from).is_file():
+    raise WeightsNotFound(f"model.image.init_from={init_from!r}: no such file")
+  return init_from

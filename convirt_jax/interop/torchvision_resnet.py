@@ -9,7 +9,6 @@ rather than partly loaded. torch is imported only where a torch file or tensor i
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
+from convirt_jax.errors import CheckpointError, ConfigError
 from convirt_jax.interop import state_dicts
 from convirt_jax.models.resnet import SUPPORTED_DEPTHS, ResNet, base_channels
 
@@ -182,26 +181,8 @@ def load_imagenet_resnet(init_from: str, depth: int = 50, width: float = 1.0,
     if depth not in SUPPORTED_DEPTHS:
       raise ConfigError(f"model.image.depth={depth!r} is not supported; choose one of "
                        f"{list(SUPPORTED_DEPTHS)}")
-    try:
-      import torchvision  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ConfigError("model.image.init_from='torchvision' needs torchvision installed; or set it "
-                        "to a downloaded .pth/.pt/.safetensors file") from e
-    try:
-      torch_model = getattr(torchvision.models, f"resnet{depth}")(weights="IMAGENET1K_V1")
-    except Exception as e:  # pylint: disable=broad-except  (URLError offline, HTTP errors, ...)
-      url = getattr(getattr(torchvision.models, f"ResNet{depth}_Weights", None), "IMAGENET1K_V1", None)
-      url = getattr(url, "url", None) or f"torchvision.models.ResNet{depth}_Weights.IMAGENET1K_V1.url"
-      raise WeightsNotFound(
-          f"could not download torchvision's ImageNet weights for resnet{depth} ({type(e).__name__}: "
-          f"{state_dicts.first_line(e)}). Without network access, download {url} elsewhere and pass the file: "
-          "--config.model.image.init_from=/path/to/resnet.pth") from None
-    return load_torchvision_resnet(torch_model.state_dict(), depth)
-  if not init_from:
-    raise ConfigError("model.image.init_from is empty: there is nothing to load")
-  if not Path(init_from).is_file():
-    raise WeightsNotFound(f"model.image.init_from={init_from!r}: no such file")
-  return load_torchvision_resnet(init_from, depth, width, small_stem)
+  source = state_dicts.imagenet_source(init_from, f"resnet{depth}", "/path/to/resnet.pth")
+  return load_torchvision_resnet(source, depth, width, small_stem)
 
 
 # --- The image encoder registry's interface (`convirt_jax.models.registry`) ----------------------------

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convirt_jax.errors import CheckpointError, ConfigError, WeightsNotFound
+from convirt_jax.errors import CheckpointError, ConfigError
 from convirt_jax.interop import state_dicts
 from convirt_jax.models import vit
 
@@ -151,19 +151,8 @@ def load_torchvision(init_from: str, arch: Mapping[str, Any], image_size: int) -
     if name not in TORCHVISION_WEIGHTS:
       raise ConfigError(f"model.image.init_from='torchvision': torchvision has no weights for {name}; "
                         f"it has {list(TORCHVISION_WEIGHTS)}")
-    import torchvision  # pylint: disable=g-import-not-at-top
-    try:
-      torch_model = getattr(torchvision.models, name)(weights="IMAGENET1K_V1")
-    except Exception as e:  # pylint: disable=broad-except  (offline)
-      raise WeightsNotFound(f"could not download torchvision's ImageNet weights for {name} "
-                            f"({type(e).__name__}): download them elsewhere and pass the file: "
-                            "--config.model.image.init_from=/path/to/vit.pth") from None
-    return load_torchvision_vit(torch_model.state_dict(), vit.preset(name), image_size)
-  if not init_from:
-    raise ConfigError("model.image.init_from is empty: there is nothing to load")
-  if not os.path.isfile(init_from):
-    raise WeightsNotFound(f"model.image.init_from={init_from!r}: no such file")
-  return load_torchvision_vit(init_from, vit.preset(name), image_size)
+  source = state_dicts.imagenet_source(init_from, name, "/path/to/vit.pth")
+  return load_torchvision_vit(source, vit.preset(name), image_size)
 
 
 def save_torchvision(variables: Variables, path: str | os.PathLike) -> None:

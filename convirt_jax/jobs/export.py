@@ -26,10 +26,12 @@ import textwrap
 import importlib.util
 
 import numpy as np
+import safetensors.numpy
 
 from convirt_jax import storage
 from convirt_jax.api import ConVIRT
 from convirt_jax.errors import ConfigError
+from convirt_jax.interop import hf_bert
 from convirt_jax.models import registry
 from convirt_jax.models.convirt import image_variables
 
@@ -47,8 +49,6 @@ def projection_heads_state_dict(params) -> dict[str, np.ndarray]:
 
 def export(model, output_dir: str, overwrite: bool = False) -> None:
   """Writes the files listed in this module's docstring for a loaded `convirt_jax.ConVIRT`."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from convirt_jax.interop import hf_bert  # pylint: disable=g-import-not-at-top
 
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir) and not overwrite:

@@ -31,16 +31,13 @@ from convirt_jax.api import ConVIRT
 from convirt_jax.data import datasets, registry
 from convirt_jax.errors import ConfigError, DataError
 from convirt_jax.evaluate import chexpert_retrieval
-from convirt_jax.evaluate import features as features_lib
 from convirt_jax.evaluate import linear_probe, plots, zeroshot
+from convirt_jax.evaluate import protocols as protocols_lib
 from convirt_jax.evaluate import results as results_lib
 from convirt_jax.models import registry as image_registry
-from convirt_jax.models import classifier as classifier_lib
 from convirt_jax.models.classifier import ImageClassifier
 from convirt_jax.models.convirt import compute_dtype
-from convirt_jax.training import classifier_steps
 from convirt_jax.training import metric_logging
-from convirt_jax.training import preemption
 from convirt_jax.training import workdir_lock
 
 CURVES_PNG = "transfer_curves.png"
@@ -86,9 +83,8 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   label_names = list(dataset.label_names)
   train_labels = _split_labels(dataset.sources["train"])
   task = resolve_task(config.data.task, dataset.task, label_names, train_labels)
-  prompts, unprompted = ({}, {})
-  if "zeroshot" in protocols:
-    prompts, unprompted = zeroshot.resolve_prompts(config.zeroshot.prompts.to_dict(), label_names, task)
+  if "zeroshot" in protocols:  # checked now; the protocol resolves them again when it runs
+    zeroshot.resolve_prompts(config.zeroshot.prompts.to_dict(), label_names, task)
   subsets = transfer_finetune.training_subsets(train_labels, label_names, config.fractions,
                                                config.seeds, config.min_train)
   if "finetune" in protocols:
@@ -96,7 +92,8 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   if parallel.is_main_process():
     storage.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   model = classifier_model(config, arch, len(label_names))
-  job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders)
+  job = _Job(config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch, encoders,
+             retrieval_set)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
     job.encoder_variables(encoder)
   title = registry.title(config.data.name)
@@ -117,17 +114,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
   metric_logging.announce(f"Transfer to {title} ({task}, {len(label_names)} labels; train {len(train_labels)} / "
             f"validation {len(dataset.sources.get('validation', ()))} / test {len(dataset.sources['test'])}) "
             f"of {', '.join(e.name for e in encoders)} ({arch.describe()}): {', '.join(protocols)}")
-  for encoder in encoders:
-    if "linear" in protocols:
-      job.results["methods"][encoder.name]["linear"] = job.linear(encoder)
-      job.write()
-    if "zeroshot" in protocols and encoder.is_convirt:
-      job.results["methods"][encoder.name]["zeroshot"] = job.zeroshot(encoder, prompts, unprompted)
-      job.write()
-    if "retrieval" in protocols:
-      job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
-      job.write()
-  if "finetune" in protocols and not job.finetune_all():
+  if not _run_protocols(job, protocols):
     metric_logging.announce("Preempted: fine-tuning stopped at a checkpoint; run the same command to resume.")
     return {}
   job.write(plot=True)
@@ -139,7 +126,7 @@ def _transfer(config, workdir, mesh, protocols, encoders, arch, start, retrieval
 def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start) -> dict[str, Any]:
   """The retrieval protocol alone (configs/transfer/chexpert_8x200.py): no classification set is built."""
   model = classifier_model(config, arch, 1)  # only its pooled features are used
-  job = _Job(config, workdir, mesh, None, None, [], None, {}, model, arch, encoders)
+  job = _Job(config, workdir, mesh, None, None, [], None, {}, model, arch, encoders, retrieval_set)
   for encoder in encoders:  # read every encoder now: a bad weights file stops the job before any compile
     job.encoder_variables(encoder)
   if parallel.is_main_process():
@@ -154,12 +141,25 @@ def _retrieval_only(config, workdir, mesh, encoders, arch, retrieval_set, start)
   sizes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in retrieval_set.describe().items())
   metric_logging.announce(f"{chexpert_retrieval.TITLE} ({sizes}) of {', '.join(e.name for e in encoders)} "
             f"({arch.describe()})")
-  for encoder in encoders:
-    job.results["methods"][encoder.name]["retrieval"] = job.retrieval(encoder, retrieval_set)
-    job.write()
+  _run_protocols(job, ("retrieval",))
   metric_logging.announce(f"\n{results_lib.transfer_markdown(results_lib.to_json_ready(job.results))}\n"
             f"Results are in {workdir} ({time.monotonic() - start:.0f} s)")
   return job.results
+
+
+def _run_protocols(job: "_Job", names: tuple[str, ...]) -> bool:
+  """The protocols named in config.protocols, through their modules (`evaluate/protocols.py`), in
+  registration order: for each encoder those with `run(job, encoder)`, the results written after each;
+  then those with `run_all(job)` (fine-tuning). False when preempted."""
+  chosen = [(p.name, p.load()) for p in protocols_lib.of("transfer") if p.name in names]
+  for encoder in job.encoders:
+    for name, module in chosen:
+      if hasattr(module, "run"):
+        result = module.run(job, encoder)
+        if result is not None:  # None: the protocol does not apply to this encoder
+          job.results["methods"][encoder.name][name] = result
+          job.write()
+  return all(module.run_all(job) for _, module in chosen if not hasattr(module, "run"))
 
 
 def _check_declared_labels(config: ml_collections.ConfigDict, protocols: tuple[str, ...]) -> None:
@@ -222,13 +222,15 @@ def _split_labels(source) -> np.ndarray:
 
 
 class _Job:
-  """The state shared by the protocols of one run of the job."""
+  """The state shared by the protocols of one run of the job: what their `run(job, encoder)` /
+  `run_all(job)` read (`evaluate/protocols.py`)."""
 
   def __init__(self, config, workdir, mesh, dataset, task, label_names, train_labels, subsets, model, arch,
-               encoders):
+               encoders, retrieval_set=None):
     self.config, self.workdir, self.mesh, self.dataset = config, workdir, mesh, dataset
     self.task, self.label_names, self.train_labels = task, label_names, train_labels
     self.subsets, self.model, self.arch, self.encoders = subsets, model, arch, encoders
+    self.retrieval_set = retrieval_set  # the CheXpert 8x200 sets, opened before anything compiled
     self.results: dict[str, Any] = {}
     self._variables: dict[str, dict[str, Any]] = {}
     self._convirt: dict[str, ConVIRT] = {}
@@ -253,7 +255,9 @@ class _Job:
       self._variables[encoder.spec] = transfer_encoders.load_encoder(encoder, self.arch, self.config)
     return self._variables[encoder.spec]
 
-  def _cached(self, protocol: str, encoder, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
+  def cached(self, protocol: str, encoder, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """A protocol's result for an encoder: read back from <workdir>/<protocol>/<encoder>.json when it was
+    computed with these settings, else computed and kept there."""
     path = os.path.join(self.workdir, protocol, f"{encoder.slug}.json")
     settings = metric_logging.jsonable(settings)
     if storage.exists(path):
@@ -265,116 +269,11 @@ class _Job:
       storage.write_json(path, {"settings": settings, "result": result})
     return result
 
-  def linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
-    """The linear protocol: `linear_probe.linear_probe` on the frozen encoder's pooled features.
-
-    The paper trains a linear layer with Adam on frozen features; this is the same model (a linear
-    classifier with a logistic loss) fitted to its optimum by L-BFGS, with the L2 strength chosen on
-    validation. The problem is convex, so both reach the same family of optima; L-BFGS does so
-    deterministically, without a learning rate or epoch count to tune, and in seconds on a CPU. It is the
-    one implementation the pretraining job's evaluation uses too.
-    """
-    settings = {**self.identity(encoder), "linear": self.config.linear.to_dict()}
-    return self._cached("linear", encoder, settings, lambda: self._linear(encoder))
-
-  def _linear(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
-    metric_logging.announce(f"Linear protocol: {encoder.name}...")
-    variables = parallel.replicate(
-        classifier_lib.classifier_variables(self.model, self.encoder_variables(encoder), seed=0), self.mesh)
-    features_fn = classifier_steps.make_predict_fn(self.model, self.mesh, features=True)
-    splits = {split: features_lib.predict(features_fn, variables, source, self.config, self.mesh)
-              for split, source in self.dataset.sources.items() if split in ("train", "validation", "test")}
-    val = splits.get("validation")
-    linear = self.config.linear
-    try:
-      result = linear_probe.linear_probe(
-          splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
-          label_names=self.label_names, task="multiclass" if self.task == "multiclass" else "multilabel",
-          fractions=tuple(self.config.fractions), seeds=tuple(self.config.seeds),
-          val_features=None if val is None else val[0], val_labels=None if val is None else val[1],
-          c_grid=tuple(linear.c_grid), default_c=linear.default_c, max_iter=linear.max_iter,
-          min_train=self.config.min_train)
-    except ValueError as e:
-      raise DataError(f"linear protocol on {encoder.name}: {e}") from e
-    return dict(result, task=self.task)
-
-  def zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
-    settings = {**self.identity(encoder), "prompts": prompts}
-    return self._cached("zeroshot", encoder, settings,
-                        lambda: self._zeroshot(encoder, prompts, unprompted))
-
-  def _zeroshot(self, encoder: transfer_encoders.Encoder, prompts, unprompted) -> dict[str, Any]:
-    metric_logging.announce(f"Zero-shot protocol: {encoder.name}...")
-    convirt = self.convirt(encoder)
-    embedder = features_lib.Embedder(convirt.model, convirt.variables, self.mesh)
-    test = embedder.split(self.dataset.sources["test"], None, self.config, with_text=False)
-    class_emb = zeroshot.class_embeddings(prompts, convirt.encode_texts)
-    result = zeroshot.evaluate_zeroshot(test["image_emb"], test["labels"], self.label_names, self.task,
-                                        class_emb, excluded=unprompted)
-    return dict(result, prompts=prompts)
-
-  def retrieval(self, encoder: transfer_encoders.Encoder, retrieval_set) -> dict[str, Any]:
-    """The CheXpert 8x200 retrieval protocol (`chexpert_retrieval`): image->image on the pooled features of
-    every encoder, text->image on the projections of a ConVIRT encoder."""
-    settings = {"encoder": encoder.spec, "encoder_step": encoder.step,
-                "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
-                "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
-                "architecture": self.arch.as_dict(), "retrieval": retrieval_set.identity,
-                "k": list(self.config.retrieval.k)}
-
-    def compute():
-      metric_logging.announce(f"Retrieval protocol: {encoder.name}...")
-      return chexpert_retrieval.evaluate_encoder(
-          self.encoder_variables(encoder), self.model, retrieval_set, self.config, self.mesh,
-          convirt=self.convirt(encoder) if encoder.is_convirt else None)
-    return self._cached("retrieval", encoder, settings, compute)
-
-  def finetune_all(self) -> bool:
-    """Every fine-tuning run under one progress bar; False when preempted."""
-    config = self.config
-    runs = {e.spec: transfer_finetune.make_runs(self.workdir, e.name, e.slug, self.subsets, config.finetune)
-            for e in self.encoders}
-    ordered = [r for e in self.encoders for r in runs[e.spec]]
-    offsets, total = {}, 0
-    for r in ordered:
-      offsets[r.directory] = total
-      total += r.steps
-    done = [transfer_finetune.completed_steps(r) for r in ordered]
-    resume = next((offsets[r.directory] + d for r, d in zip(ordered, done) if d < r.steps), total)
-    is_main = parallel.is_main_process()
-    metric_logging.announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
-              f"({sum(done)} done), batch {config.finetune.batch_size}, lr {config.finetune.lr:g}")
-    logger = metric_logging.MetricLogger(self.workdir, enabled=is_main, resume_step=resume)
-    bar = metric_logging.Progress(total, sum(done), is_main, desc="fine-tune",
-                                  every_seconds=config.log.every_seconds,
-                                  batch_size=config.finetune.batch_size)
-    preempted = preemption.SigtermFlag()
-    try:
-      finetuner = transfer_finetune.Finetuner(
-          self.model, config, self.task, self.label_names, self.dataset.sources, self.mesh, identity={},
-          bar=bar, logger=logger, log_offset=lambda r: offsets[r.directory], preempted=preempted)
-      for encoder in self.encoders:
-        finetuner.identity = self.identity(encoder)
-        outcomes = {}
-        for r in runs[encoder.spec]:
-          outcome = finetuner.run(r, self.encoder_variables(encoder))
-          if outcome is None:
-            return False
-          outcomes[(r.fraction, r.seed)] = outcome
-        self.results["methods"][encoder.name]["finetune"] = transfer_finetune.summarise(
-            outcomes, runs[encoder.spec], self.label_names, self.task, self.train_labels,
-            config.fractions, config.seeds)
-        self.write()
-    finally:
-      bar.close()
-      preempted.restore()
-      logger.close()
-    return True
-
   def write(self, plot: bool = False) -> None:
     if not parallel.is_main_process():
       return
     results_lib.write_transfer_results(self.workdir, self.results)
     methods = self.results["methods"]
-    if plot and any(p in e for e in methods.values() for p in ("linear", "finetune", "zeroshot")):
+    plotted = [p.name for p in protocols_lib.of("transfer") if p.result in ("fractions", "scores")]
+    if plot and any(p in e for e in methods.values() for p in plotted):
       plots.plot_transfer_curves(self.results, os.path.join(self.workdir, CURVES_PNG))

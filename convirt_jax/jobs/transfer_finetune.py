@@ -427,3 +427,47 @@ def summarise(results: Mapping[tuple[float, int], Mapping[str, Any]], runs: Sequ
           "label_names": label_names, "n_pool": int(positive.shape[0]), "n_test": n_test,
           "excluded_labels": excluded,
           "fractions": entries}
+
+
+def run_all(job) -> bool:
+  """The transfer job's protocol (`protocols.py`: "finetune"): every fine-tuning run of every encoder
+  under one progress bar, each encoder's summary written into job.results; False when preempted."""
+  config = job.config
+  runs = {e.spec: make_runs(job.workdir, e.name, e.slug, job.subsets, config.finetune)
+          for e in job.encoders}
+  ordered = [r for e in job.encoders for r in runs[e.spec]]
+  offsets, total = {}, 0
+  for r in ordered:
+    offsets[r.directory] = total
+    total += r.steps
+  done = [completed_steps(r) for r in ordered]
+  resume = next((offsets[r.directory] + d for r, d in zip(ordered, done) if d < r.steps), total)
+  is_main = parallel.is_main_process()
+  metric_logging.announce(f"Fine-tuning: {len(ordered)} runs, {total} steps in all "
+            f"({sum(done)} done), batch {config.finetune.batch_size}, lr {config.finetune.lr:g}")
+  logger = metric_logging.MetricLogger(job.workdir, enabled=is_main, resume_step=resume)
+  bar = metric_logging.Progress(total, sum(done), is_main, desc="fine-tune",
+                                every_seconds=config.log.every_seconds,
+                                batch_size=config.finetune.batch_size)
+  preempted = preemption.SigtermFlag()
+  try:
+    finetuner = Finetuner(
+        job.model, config, job.task, job.label_names, job.dataset.sources, job.mesh, identity={},
+        bar=bar, logger=logger, log_offset=lambda r: offsets[r.directory], preempted=preempted)
+    for encoder in job.encoders:
+      finetuner.identity = job.identity(encoder)
+      outcomes = {}
+      for r in runs[encoder.spec]:
+        outcome = finetuner.run(r, job.encoder_variables(encoder))
+        if outcome is None:
+          return False
+        outcomes[(r.fraction, r.seed)] = outcome
+      job.results["methods"][encoder.name]["finetune"] = summarise(
+          outcomes, runs[encoder.spec], job.label_names, job.task, job.train_labels,
+          config.fractions, config.seeds)
+      job.write()
+  finally:
+    bar.close()
+    preempted.restore()
+    logger.close()
+  return True

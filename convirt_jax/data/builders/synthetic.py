@@ -25,6 +25,10 @@ from convirt_jax.data.builders import common
 RETRIEVAL_SPLITS = ("retrieval_candidates", "retrieval_queries")
 
 
+# The corpus's own text queries for text->image retrieval (`datasets.load_dataset` reads them here).
+RETRIEVAL_TEXT_QUERIES = synthetic_cxr.RETRIEVAL_TEXT_QUERIES
+
+
 def _code_version() -> str:
   names = sorted(m.name for m in pkgutil.iter_modules(synthetic_cxr.__path__))
   modules = [synthetic_cxr] + [importlib.import_module(f"{synthetic_cxr.__name__}.{n}") for n in names]
