@@ -16,8 +16,17 @@ AUTO = "auto"  # model.text.max_length chosen from the training texts (text_leng
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key of the pretraining job, with its default."""
   c = ml_collections.ConfigDict()
+  _model_keys(c)
+  _data_keys(c)
+  _training_keys(c)
+  _evaluation_keys(c)
+  return c
 
+
+def _model_keys(c: ml_collections.ConfigDict) -> None:
+  """The encoders, projection heads and loss."""
   c.model = ml_collections.ConfigDict()
   c.model.image = ml_collections.ConfigDict()
   c.model.image.name = "resnet"       # a registered image encoder (convirt_jax/models/registry.py)
@@ -54,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 0.1
   c.loss.image_weight = 0.75          # lambda: weight of the image->text direction
 
+
+def _data_keys(c: ml_collections.ConfigDict) -> None:
+  """The data set, its pipeline and the training augmentations."""
   c.data = ml_collections.ConfigDict()
   # "synthetic" | "mimic_cxr" | "csv" | the downstream sets "rsna" | "chexpert" | "covidx" | "mura"
   c.data.name = "synthetic"
@@ -109,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.contrast = (0.6, 1.4)
   c.augment.blur_sigma = (0.1, 3.0)
 
+
+def _training_keys(c: ml_collections.ConfigDict) -> None:
+  """Training, the optimizer and checkpoints."""
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32             # global, over every device of every process
   c.train.steps = 0                   # 0 = derive from epochs
@@ -144,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.keep_best_metric = "val/loss"
 
+
+def _evaluation_keys(c: ml_collections.ConfigDict) -> None:
+  """Validation, the evaluations of the best checkpoint, logs and several processes."""
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 1000           # validation loss
   c.eval.batch_size = 64
@@ -175,7 +193,6 @@ def base_config() -> ml_collections.ConfigDict:
   # the others stop, naming it (convirt_jax/multihost.py).
   c.distributed.initialization_timeout_seconds = 300
   c.distributed.heartbeat_timeout_seconds = 60
-  return c
 
 
 _CHOICES = {

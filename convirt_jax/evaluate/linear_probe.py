@@ -182,6 +182,54 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(values.mean()), std
 
 
+def _excluded_labels(pos_pool: np.ndarray, pos_test: np.ndarray, label_names: Sequence[str]) -> dict[str, str]:
+  """Labels with a single class in the training or the test set, with the reason; NothingToEvaluate
+  when that is every label."""
+  excluded = {}
+  for j, name in enumerate(label_names):
+    if pos_pool[:, j].all() or not pos_pool[:, j].any():
+      excluded[name] = "single class in the training set"
+    elif pos_test[:, j].all() or not pos_test[:, j].any():
+      excluded[name] = "single class in the test set"
+  if len(excluded) == len(label_names):
+    raise NothingToEvaluate(f"no label can be scored: {excluded}")
+  return excluded
+
+
+def _fit_counting_warnings(fit, *args) -> tuple[dict[str, Any], int]:
+  """fit(*args) and the number of ConvergenceWarnings it raised (other warnings are re-raised)."""
+  # L-BFGS-B makes many tiny BLAS calls: one thread avoids synchronisation that made fits 10-40x slower
+  # on a busy machine.
+  with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
+    warnings.simplefilter("always", ConvergenceWarning)
+    result = fit(*args)
+  count = 0
+  for w in caught:
+    if issubclass(w.category, ConvergenceWarning):
+      count += 1
+    else:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return result, count
+
+
+def _fraction_entry(fraction: float, runs: list[dict[str, Any]], label_names: Sequence[str],
+                    task: str) -> dict[str, Any]:
+  """A fraction's entry of the result from its runs (one per seed)."""
+  mean, std = _mean_std([r["main"] for r in runs])
+  per_label = {}
+  for j, name in enumerate(label_names):
+    values = [r["per_label"][j] for r in runs]
+    per_label[name] = None if any(v is None for v in values) else float(np.mean(values))
+  entry = {"fraction": fraction, "mean": mean, "std": std,
+           "per_seed": [r["main"] for r in runs], "n_train": [r["n_train"] for r in runs],
+           "per_label": per_label, "C": [r["C"] for r in runs]}
+  if task == "multiclass":
+    macro = [r["auc_macro"] for r in runs]
+    entry["auc_macro"] = (None if any(m is None for m in macro)
+                          else dict(zip(("mean", "std"), _mean_std(macro))))
+  return entry
+
+
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                  test_labels: np.ndarray, *, label_names: Sequence[str], task: str,
                  fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: Sequence[int] = (0, 1, 2),
@@ -226,14 +274,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
                               "training set")
   fit = _fit_multilabel if task == "multilabel" else _fit_multiclass
 
-  excluded = {}
-  for j, name in enumerate(label_names):
-    if pos_pool[:, j].all() or not pos_pool[:, j].any():
-      excluded[name] = "single class in the training set"
-    elif pos_test[:, j].all() or not pos_test[:, j].any():
-      excluded[name] = "single class in the test set"
-  if len(excluded) == len(label_names):
-    raise NothingToEvaluate(f"no label can be scored: {excluded}")
+  excluded = _excluded_labels(pos_pool, pos_test, label_names)
 
   cache: dict[bytes, dict] = {}
   num_warnings = 0
@@ -246,33 +287,14 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
       if key not in cache:
         scaler = StandardScaler().fit(x_pool[subset])
         x_val = scaler.transform(x_val_raw) if x_val_raw is not None else None
-        # L-BFGS-B makes many tiny BLAS calls: one thread avoids synchronisation that made fits
-        # 10-40x slower on a busy machine.
-        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
-          warnings.simplefilter("always", ConvergenceWarning)
-          result = fit(scaler.transform(x_pool[subset]), pos_pool[subset], x_val, pos_val,
-                       scaler.transform(x_test_raw), pos_test, c_grid, default_c, max_iter)
-        for w in caught:
-          if issubclass(w.category, ConvergenceWarning):
-            num_warnings += 1
-          else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        result, warned = _fit_counting_warnings(
+            fit, scaler.transform(x_pool[subset]), pos_pool[subset], x_val, pos_val,
+            scaler.transform(x_test_raw), pos_test, c_grid, default_c, max_iter)
+        num_warnings += warned
         result["n_train"] = int(subset.size)
         cache[key] = result
       runs.append(cache[key])
-    mean, std = _mean_std([r["main"] for r in runs])
-    per_label = {}
-    for j, name in enumerate(label_names):
-      values = [r["per_label"][j] for r in runs]
-      per_label[name] = None if any(v is None for v in values) else float(np.mean(values))
-    entry = {"fraction": float(fraction), "mean": mean, "std": std,
-             "per_seed": [r["main"] for r in runs], "n_train": [r["n_train"] for r in runs],
-             "per_label": per_label, "C": [r["C"] for r in runs]}
-    if task == "multiclass":
-      macro = [r["auc_macro"] for r in runs]
-      entry["auc_macro"] = (None if any(m is None for m in macro)
-                            else dict(zip(("mean", "std"), _mean_std(macro))))
-    entries.append(entry)
+    entries.append(_fraction_entry(float(fraction), runs, label_names, task))
 
   return {"task": task, "metric": "auc" if task == "multilabel" else "accuracy",
           "label_names": label_names, "n_pool": int(pos_pool.shape[0]), "n_test": int(pos_test.shape[0]),

@@ -6,6 +6,7 @@
 `convirt_jax.training`; the evaluations are the evaluators named in `config.evals`.
 """
 import copy
+import functools
 import os
 from typing import Any
 
@@ -118,14 +119,7 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   study_sizes = datasets.study_sizes(dataset, "train") if config.data.unit == "study" else None
   tokenizer, text_config, text_params, length_choice = setup_text(
       config, dataset, workdir, text_dir, resuming=resume_step > 0, study_sizes=study_sizes)
-  # The start of training and the ImageNet baseline of the evaluation.
-  pretrained = {"params": {}, "batch_stats": {}}
-  if pretrained_image is not None:
-    pretrained["params"]["image"] = pretrained_image["params"]
-    if pretrained_image["batch_stats"]:  # an encoder without BatchNorm (a ViT) has none
-      pretrained["batch_stats"]["image"] = pretrained_image["batch_stats"]
-  if text_params is not None:
-    pretrained["params"]["text"] = text_params
+  pretrained = _pretrained_variables(pretrained_image, text_params)
   model = convirt.build_model(config, text_config, axis_name=parallel.DATA_AXIS)
   steps_total = total_steps(config, len(dataset.sources["train"]) if study_sizes is None else len(study_sizes))
   image_size, text_length = config.data.image_size, config.model.text.max_length
@@ -161,18 +155,8 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
     metric_logging.announce(f"The run in {workdir} stopped early at step {resume_step} (best at step "
                             f"{stopping.best_step}).")
 
-  def validate(state):
-    if "validation" not in dataset.sources:
-      return state, engine.Validation({}, None, {})
-    metrics = validation_loss(eval_step, state, dataset.sources["validation"], tokenizer, config, mesh)
-    if config.optimizer.schedule == "plateau":
-      plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]), metrics["val/loss"],
-                                                       config)
-      state["plateau"] = parallel.replicate(plateau, mesh)
-      state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"], config.optimizer.lr * scale)
-    return state, engine.Validation(metrics, metrics.get(config.checkpoint.keep_best_metric),
-                                    {"val_loss": f"{metrics['val/loss']:.4f}"})
-
+  validate = functools.partial(_validate, eval_step, dataset.sources.get("validation"), tokenizer, config,
+                               mesh)
   try:
     state, step, stopped_by_signal = engine.train(
         state, resume_step, train_step, train_iter,
@@ -194,8 +178,8 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
     preempted.restore()
     logger.flush()
   if is_main:
-    metrics_png = os.path.join(workdir, LOSS_CURVE_PNG)
-    plots.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE), metrics_png)
+    plots.plot_loss_curve(os.path.join(workdir, metric_logging.METRICS_FILE),
+                          os.path.join(workdir, LOSS_CURVE_PNG))
   manager.wait_until_finished()
   evaluated_step = checkpoints.resolve_step(manager, "best")
   metric_logging.announce(f"Evaluating the best checkpoint by {config.checkpoint.keep_best_metric} (step "
@@ -206,6 +190,34 @@ def _train_and_evaluate(config, workdir, mesh, local_batch, manager, dataset, re
   metric_logging.announce(f"\n{results_lib.results_markdown(results)}\nResults, metrics and plots are in {workdir}")
   return results
 
+
+
+def _pretrained_variables(pretrained_image, text_params) -> dict[str, Any]:
+  """{"params", "batch_stats"} the run starts from where not random: the torchvision image encoder and
+  the Hugging Face BERT (also the evaluation's "ImageNet Init." baseline)."""
+  pretrained = {"params": {}, "batch_stats": {}}
+  if pretrained_image is not None:
+    pretrained["params"]["image"] = pretrained_image["params"]
+    if pretrained_image["batch_stats"]:  # an encoder without BatchNorm (a ViT) has none
+      pretrained["batch_stats"]["image"] = pretrained_image["batch_stats"]
+  if text_params is not None:
+    pretrained["params"]["text"] = text_params
+  return pretrained
+
+
+def _validate(eval_step, source, tokenizer, config, mesh, state) -> tuple[Any, engine.Validation]:
+  """The engine's validation: the loss terms on the validation split (none without one), and the plateau
+  schedule's step on its loss."""
+  if source is None:
+    return state, engine.Validation({}, None, {})
+  metrics = validation_loss(eval_step, state, source, tokenizer, config, mesh)
+  if config.optimizer.schedule == "plateau":
+    plateau, scale = optimizer_lib.reduce_on_plateau(parallel.fetch(state["plateau"]), metrics["val/loss"],
+                                                     config)
+    state["plateau"] = parallel.replicate(plateau, mesh)
+    state["opt_state"] = optimizer_lib.set_learning_rate(state["opt_state"], config.optimizer.lr * scale)
+  return state, engine.Validation(metrics, metrics.get(config.checkpoint.keep_best_metric),
+                                  {"val_loss": f"{metrics['val/loss']:.4f}"})
 
 
 def _stopping(manager, config: ml_collections.ConfigDict, step: int) -> engine.Stopping:

@@ -61,6 +61,15 @@ def summed_gradient(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params: Any
   per-device values, i.e. after the model casts it to the compute dtype, which under bfloat16 sums
   every kernel's gradient in bfloat16, in one all-reduce per layer that XLA does not combine.
   """
+  trainable, merge, fill = _trainable(params, frozen)
+  local = jax.lax.pcast(trainable, axis, to="varying")
+  grads, aux = jax.grad(lambda t: loss_fn(merge(t)), has_aux=True)(local)
+  return fill(jax.lax.psum(grads, axis)), aux
+
+
+def _trainable(params: Any, frozen: Any) -> tuple[list[jax.Array], Callable, Callable]:
+  """(the leaves of `params` that `frozen` marks False, merge(those leaves) -> params with the frozen
+  leaves as they are, fill(their gradients) -> a gradient tree with zeros for the frozen leaves)."""
   leaves, treedef = jax.tree.flatten(params)
   is_frozen = jax.tree.leaves(frozen)
   trainable = [leaf for leaf, f in zip(leaves, is_frozen) if not f]
@@ -69,11 +78,11 @@ def summed_gradient(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params: Any
     rest = iter(trainable_leaves)
     return treedef.unflatten([leaf if f else next(rest) for leaf, f in zip(leaves, is_frozen)])
 
-  local = jax.lax.pcast(trainable, axis, to="varying")
-  grads, aux = jax.grad(lambda t: loss_fn(merge(t)), has_aux=True)(local)
-  summed = iter(jax.lax.psum(grads, axis))
-  return treedef.unflatten([jnp.zeros_like(leaf) if f else next(summed)
-                            for leaf, f in zip(leaves, is_frozen)]), aux
+  def fill(trainable_grads):
+    rest = iter(trainable_grads)
+    return treedef.unflatten([jnp.zeros_like(leaf) if f else next(rest) for leaf, f in zip(leaves, is_frozen)])
+
+  return trainable, merge, fill
 
 
 def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, rng: jax.Array,
@@ -111,13 +120,7 @@ def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, r
   indices = jnp.arange(chunks)
 
   # Only the trainable leaves are differentiated: no zero gradients for frozen BERT layers are carried.
-  leaves, treedef = jax.tree.flatten(params)
-  is_frozen = jax.tree.leaves(frozen)
-  trainable = [leaf for leaf, f in zip(leaves, is_frozen) if not f]
-
-  def merge(trainable_leaves: list[jax.Array]) -> Any:
-    rest = iter(trainable_leaves)
-    return treedef.unflatten([leaf if f else next(rest) for leaf, f in zip(leaves, is_frozen)])
+  trainable, merge, fill = _trainable(params, frozen)
 
   def embed(trainable_leaves, stats, chunk, index):
     out, updated = model.apply(
@@ -155,10 +158,7 @@ def micro_batched_gradient(model: ConVIRTModel, params: Any, batch_stats: Any, r
 
   zeros = jax.tree.map(jnp.zeros_like, local_trainable)
   accumulated, _ = jax.lax.scan(backward, zeros, (chunked, indices, (d_image, d_text)))
-  accumulated = iter(jax.lax.psum(accumulated, axis))
-  grads = treedef.unflatten([jnp.zeros_like(leaf) if f else next(accumulated)
-                             for leaf, f in zip(leaves, is_frozen)])
-  return grads, new_batch_stats, terms
+  return fill(jax.lax.psum(accumulated, axis)), new_batch_stats, terms
 
 
 def make_train_step(model: ConVIRTModel, optimizer: optax.GradientTransformation,

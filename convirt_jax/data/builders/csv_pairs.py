@@ -163,6 +163,48 @@ def _describe(values: Mapping[str, int], lines: Mapping[str, list[int]]) -> str:
 _LabelFn = Callable[[_Row], tuple[np.ndarray | None, str | None, str]]
 
 
+def _inferred_task(usable: Sequence[_Row], columns: Sequence[str], path: str) -> str:
+  """config.data.task="auto" read from the label values (see `_label_schema`): "binary" or
+  "multiclass", or a DataError instead of a guess."""
+  task = "binary"
+  for column in columns:
+    counts = collections.Counter(row.get(column) for row in usable if not _is_missing(row.get(column)))
+    lines = collections.defaultdict(list)
+    for row in usable:
+      lines[row.get(column)].append(row.line)
+    labelled = sum(counts.values())
+    strays = {v: n for v, n in counts.items() if not _is_binary(v)}
+    if not strays:
+      continue
+    rare = {v: n for v, n in counts.items() if _is_rare(n, labelled)}
+    only_rare_strays = all(v in rare for v in strays)
+    if len(columns) > 1:
+      if only_rare_strays:
+        raise DataError(
+            f"{path}: label column {column!r} is binary but for {_describe(strays, lines)}, under 1% of "
+            f"its {labelled} labelled rows or under {RARE_ROWS} rows. Set config.data.task='multilabel' to "
+            "skip such rows as bad_label records, or fix the CSV")
+      value = next(v for v in strays if v not in rare)
+      raise DataError(f"{path} line {lines[value][0]}: label column {column!r} has value {value!r}; with "
+                      "several label columns each must be binary (1, 0, -1 uncertain, blank); a "
+                      "categorical label must be the only entry of config.data.label_columns")
+    if rare:
+      limits = f"under 1% of the {labelled} labelled rows or under {RARE_ROWS} rows"
+      if only_rare_strays:
+        why = f", only because of {_describe(strays, lines)}, each {limits}: a stray value?"
+        advice = ("Set config.data.task='binary' to read it as a binary label (1, 0, -1 uncertain; "
+                  "blank/NaN = not mentioned) and skip the other values as bad_label records, or "
+                  "config.data.task='multiclass' to confirm the categorical label")
+      else:
+        why = f"; {_describe(rare, lines)} {'is' if len(rare) == 1 else 'are'} {limits}: a stray value?"
+        advice = "Set config.data.task='multiclass' to confirm these classes"
+      raise DataError(
+          f"{path}: label column {column!r} was inferred to be categorical (task 'multiclass', one class "
+          f"per value) from its values {_describe(counts, lines)}{why} {advice}; or fix the CSV")
+    task = "multiclass"
+  return task
+
+
 def _label_schema(rows: Sequence[_Row], columns: Sequence[str], task: str,
                   path: str) -> tuple[list[str], str, _LabelFn]:
   """(label names, task "multilabel" | "multiclass", row -> (labels, reason, detail)).
@@ -180,43 +222,7 @@ def _label_schema(rows: Sequence[_Row], columns: Sequence[str], task: str,
   """
   usable = [row for row in rows if row.reason is None]
   if task == "auto":
-    task = "binary"
-    for column in columns:
-      counts = collections.Counter(row.get(column) for row in usable if not _is_missing(row.get(column)))
-      lines = collections.defaultdict(list)
-      for row in usable:
-        lines[row.get(column)].append(row.line)
-      labelled = sum(counts.values())
-      strays = {v: n for v, n in counts.items() if not _is_binary(v)}
-      if not strays:
-        continue
-      rare = {v: n for v, n in counts.items() if _is_rare(n, labelled)}
-      only_rare_strays = all(v in rare for v in strays)
-      if len(columns) > 1:
-        if only_rare_strays:
-          raise DataError(
-              f"{path}: label column {column!r} is binary but for {_describe(strays, lines)}, under 1% of "
-              f"its {labelled} labelled rows or under {RARE_ROWS} rows. Set config.data.task='multilabel' to "
-              "skip such rows as bad_label records, or fix the CSV")
-        value = next(v for v in strays if v not in rare)
-        raise DataError(f"{path} line {lines[value][0]}: label column {column!r} has value {value!r}; with "
-                        "several label columns each must be binary (1, 0, -1 uncertain, blank); a "
-                        "categorical label must be the only entry of config.data.label_columns")
-      if rare:
-        limits = f"under 1% of the {labelled} labelled rows or under {RARE_ROWS} rows"
-        if only_rare_strays:
-          why = f", only because of {_describe(strays, lines)}, each {limits}: a stray value?"
-          advice = ("Set config.data.task='binary' to read it as a binary label (1, 0, -1 uncertain; "
-                    "blank/NaN = not mentioned) and skip the other values as bad_label records, or "
-                    "config.data.task='multiclass' to confirm the categorical label")
-        else:
-          why = f"; {_describe(rare, lines)} {'is' if len(rare) == 1 else 'are'} {limits}: a stray value?"
-          advice = "Set config.data.task='multiclass' to confirm these classes"
-        raise DataError(
-            f"{path}: label column {column!r} was inferred to be categorical (task 'multiclass', one class "
-            f"per value) from its values {_describe(counts, lines)}{why} {advice}; or fix the CSV")
-      task = "multiclass"
-
+    task = _inferred_task(usable, columns, path)
   if task in ("binary", "multilabel"):
     def binary(row: _Row) -> tuple[np.ndarray | None, str | None, str]:
       values = []
@@ -291,6 +297,29 @@ def _hash_key(key: str) -> bytes:
   return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
+def _cover(has: np.ndarray, rows: np.ndarray, order: list[int], assigned: np.ndarray,
+           split_counts: np.ndarray, assign: Callable[[int, int], None]) -> None:
+  """Step 1 of `plan_splits` (coverage): every (label, class) pair to every split that lacks it, the
+  rarest pair first, then a group for each split still empty."""
+  groups_having = has.sum(axis=0)
+  for pair in np.argsort(groups_having, kind="stable"):
+    if groups_having[pair] == 0:
+      continue
+    for split in order:
+      if split_counts[split, pair] > 0:
+        continue
+      candidates = np.flatnonzero(has[:, pair] & (assigned < 0))
+      if not candidates.size:
+        break
+      gain = has[candidates][:, split_counts[split] == 0].sum(axis=1)
+      best = np.lexsort((candidates, rows[candidates], -gain))[0]
+      assign(candidates[best], split)
+  for split in order:
+    free = np.flatnonzero(assigned < 0)
+    if free.size and not (assigned == split).any():
+      assign(free[np.lexsort((free, rows[free]))[0]], split)
+
+
 def plan_splits(groups: Mapping[str, tuple[int, np.ndarray, np.ndarray]],
                 fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> dict[str, str]:
   """Assigns whole groups to splits, stratified by label: {group key: split}.
@@ -339,24 +368,7 @@ def plan_splits(groups: Mapping[str, tuple[int, np.ndarray, np.ndarray]],
 
   order = [splits.index(s) for s in _COVERAGE_ORDER if s in splits] + [
       i for i, s in enumerate(splits) if s not in _COVERAGE_ORDER]
-  groups_having = has.sum(axis=0)
-  for pair in np.argsort(groups_having, kind="stable"):
-    if groups_having[pair] == 0:
-      continue
-    for split in order:
-      if split_counts[split, pair] > 0:
-        continue
-      candidates = np.flatnonzero(has[:, pair] & (assigned < 0))
-      if not candidates.size:
-        break
-      gain = has[candidates][:, split_counts[split] == 0].sum(axis=1)
-      best = np.lexsort((candidates, rows[candidates], -gain))[0]
-      assign(candidates[best], split)
-  for split in order:
-    free = np.flatnonzero(assigned < 0)
-    if free.size and not (assigned == split).any():
-      assign(free[np.lexsort((free, rows[free]))[0]], split)
-
+  _cover(has, rows, order, assigned, split_counts, assign)
   share = np.asarray([fractions[s] for s in splits], np.float64)
   total = counts.sum(axis=0)
   want, want_rows = share[:, None] * total[None, :], share * rows.sum()
