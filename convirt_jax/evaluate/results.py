@@ -153,10 +153,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def datasets_of(methods: Mapping[str, Any], key: str = "linear_probe") -> dict[str, tuple[str, list[float]]]:
-  """Dataset -> (metric, fractions in first-seen order) of the probe results under `key`, over every
-  method."""
-  return _probe_datasets({m: e.get(key, {}) for m, e in methods.items()})
+def datasets_of(methods: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
+  """Dataset -> (metric, fractions in first-seen order) of pretraining's linear probe, over every method."""
+  return _probe_datasets({m: e.get("linear_probe", {}) for m, e in methods.items()})
 
 
 def _probe_datasets(probes: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
@@ -175,6 +174,21 @@ def _probe_rows(probe: Mapping[str, Any] | None) -> dict[float, Mapping[str, Any
   return {} if probe is None else {r["fraction"]: r for r in probe["fractions"]}
 
 
+def _mean_std_cell(row: Mapping[str, Any] | None) -> str:
+  """A fraction's "mean ± std" (x100) in a Table 1 cell."""
+  return MISSING if row is None or row["mean"] is None else f"{_pct(row['mean'])} ± {_pct(row['std'])}"
+
+
+def _training_sizes(results: Sequence[Mapping[str, Any] | None], fractions: Sequence[float]) -> str:
+  """"1%: 20, 10%: 200, All: 2000": each fraction's training examples over the results (their first
+  rows with that fraction; several seeds' sizes joined by "/")."""
+  sizes = {}
+  for result in results:
+    for f, r in _probe_rows(result).items():
+      sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
+  return ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}" for f in fractions)
+
+
 def _probe_markdown(probes: Mapping[str, Any], title: str) -> list[str]:
   """The probe block: {method: {data set: probe result}} -> a Table 1-like table and per-label tables."""
   datasets = _probe_datasets(probes)
@@ -189,19 +203,12 @@ def _probe_markdown(probes: Mapping[str, Any], title: str) -> list[str]:
     for dataset, (_, fractions) in datasets.items():
       by_fraction = _probe_rows(entry.get(dataset))
       for f in fractions:
-        r = by_fraction.get(f)
-        row.append(MISSING if r is None or r["mean"] is None
-                   else f"{_pct(r['mean'])} ± {_pct(r['std'])}")
+        row.append(_mean_std_cell(by_fraction.get(f)))
     rows.append(row)
   lines += _table(header, rows)
   notes = []
   for dataset, (metric, fractions) in datasets.items():
-    sizes = {}
-    for entry in probes.values():
-      for f, r in _probe_rows(entry.get(dataset)).items():
-        sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
-    size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
-                          for f in fractions)
+    size_text = _training_sizes([entry.get(dataset) for entry in probes.values()], fractions)
     notes.append(f"- {dataset}: {METRIC_NAMES[metric]} (mean ± std over seeds); training examples "
                  f"{size_text}.")
   lines += [""] + notes
@@ -320,11 +327,6 @@ def _write_json_and_markdown(workdir: str | os.PathLike, ready: Mapping[str, Any
 # "metric" (and "task", "label_names") only when a classification protocol ran: the CheXpert 8x200
 # retrieval alone has none. Its block is the paper's Table 2 shape.
 
-def transfer_titles() -> dict[str, str]:
-  """The transfer protocols' titles by name."""
-  return {p.name: p.title for p in protocols.of("transfer")}
-
-
 def validate_transfer_results(results: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first key that does not follow the structure above."""
   classifying = [p.name for p in protocols.of("transfer") if p.result in ("fractions", "scores")]
@@ -350,19 +352,12 @@ def _fractions_block(results: Mapping[str, Any], title: str, unit: str) -> list[
   fractions = _fractions_of(results)
   if not fractions:
     return []
-  rows, sizes = [], {}
+  rows = []
   for method, result in results.items():
     by_fraction = _probe_rows(result)
-    if not by_fraction:
-      continue
-    rows.append([method] + [MISSING if by_fraction.get(f) is None or by_fraction[f]["mean"] is None
-                            else f"{_pct(by_fraction[f]['mean'])} ± {_pct(by_fraction[f]['std'])}"
-                            for f in fractions])
-  for result in results.values():
-    for f, r in _probe_rows(result).items():
-      sizes.setdefault(f, sorted(set(np.ravel(r.get("n_train", [])).tolist())))
-  size_text = ", ".join(f"{fraction_label(f)}: {'/'.join(map(str, sizes.get(f, []))) or '?'}"
-                        for f in fractions)
+    if by_fraction:
+      rows.append([method] + [_mean_std_cell(by_fraction.get(f)) for f in fractions])
+  size_text = _training_sizes(list(results.values()), fractions)
   return (["", f"## {title}", ""] + _table(["Method"] + [fraction_label(f) for f in fractions], rows)
           + ["", f"{unit}, mean ± std over seeds; training examples {size_text}."])
 
