@@ -245,10 +245,7 @@ def run(job, encoder) -> dict[str, Any]:
   every encoder, text->image on the projections of a ConVIRT encoder; `job.retrieval_set` was opened (its
   images read and checked) before anything compiled."""
   config = job.config
-  settings = {"encoder": encoder.spec, "encoder_step": encoder.step,
-              "imagenet_weights": config.imagenet_weights if encoder.kind == "imagenet" else "",
-              "random_init_seed": config.random_init_seed if encoder.kind == "random" else None,
-              "architecture": job.arch.as_dict(), "retrieval": job.retrieval_set.identity,
+  settings = {**job.encoder_identity(encoder), "retrieval": job.retrieval_set.identity,
               "k": list(config.retrieval.k)}
 
   def compute():

@@ -236,12 +236,17 @@ class _Job:
     self._convirt: dict[str, ConVIRT] = {}
 
   def identity(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
-    """What an encoder's results depend on besides the protocol's own settings."""
-    return {"data": self.dataset.info.full_name, "encoder": encoder.spec, "encoder_step": encoder.step,
+    """What an encoder's results on the data set depend on besides the protocol's own settings."""
+    return {"data": self.dataset.info.full_name, **self.encoder_identity(encoder),
+            "fractions": list(self.config.fractions), "seeds": list(self.config.seeds),
+            "min_train": self.config.min_train, "task": self.task}
+
+  def encoder_identity(self, encoder: transfer_encoders.Encoder) -> dict[str, Any]:
+    """Which weights and architecture an encoder is (a protocol without the data set, 8x200, keys on it)."""
+    return {"encoder": encoder.spec, "encoder_step": encoder.step,
             "imagenet_weights": self.config.imagenet_weights if encoder.kind == "imagenet" else "",
             "random_init_seed": self.config.random_init_seed if encoder.kind == "random" else None,
-            "architecture": self.arch.as_dict(), "fractions": list(self.config.fractions),
-            "seeds": list(self.config.seeds), "min_train": self.config.min_train, "task": self.task}
+            "architecture": self.arch.as_dict()}
 
   def convirt(self, encoder: transfer_encoders.Encoder) -> ConVIRT:
     """The whole pretrained model of a ConVIRT encoder (both towers and heads; loaded once per job)."""
