@@ -194,6 +194,46 @@ def test_max_batch_fits_and_its_double_does_not():
   assert planner.at(2 * rows)["memory_bytes"]["total"] > capacity
 
 
+class _WidePlanner(job.Planner):
+  """The plan's search and table on a step whose temporaries grow by 1 MiB a row, compiled by the real
+  TPU compiler in seconds: the tiny model's step would take minutes at the sizes that fill a chip."""
+
+  def program(self, config):
+    batch = programs.global_batch(config, self.job)
+    data, replicated = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
+
+    def step(state, batch):
+      hidden = batch["x"] @ state["w"]  # [rows, 2**18] float32
+      return {"w": state["w"] + (hidden[:, :256].T @ jnp.tanh(hidden)) * 1e-3}
+
+    state = {"w": jax.ShapeDtypeStruct((256, 2**18), jnp.float32, sharding=replicated)}
+    inputs = {"x": jax.ShapeDtypeStruct((batch, 256), jnp.float32, sharding=data)}
+    return programs.Program(jax.jit(step, donate_argnums=0), state, inputs, batch, batch // self.mesh.size)
+
+
+def test_a_step_the_tpu_compiler_refuses_does_not_fit():
+  # libtpu refuses a program that does not fit a chip instead of compiling it: the plan reports the
+  # row as not fitting (with what the compiler said it needs), and --max_batch searches past it.
+  target = targets.get("v5e-4")
+  planner = _WidePlanner(_transfer_config(), "transfer", target, None, log=lambda line: None)
+  found = planner.largest_batch("plain", start=256)
+  rows = found["rows_per_chip"]
+  fitting, double = planner.at(rows), planner.at(2 * rows)
+  assert fitting["fits"] and "refused" not in fitting and found["total_bytes"] <= target.chip.memory_bytes
+  assert not double["fits"] and found["double_refused"]
+  refused = double["refused"]
+  assert refused["reason"].startswith("RESOURCE_EXHAUSTED") and "\n" not in refused["reason"]
+  # Its memory is a lower bound: the arguments and the temporaries the compiler counted (2 x rows MiB).
+  memory = double["memory_bytes"]
+  assert memory["temp"] > refused["available_bytes"] > 0.9 * target.chip.memory_bytes
+  assert memory["temp"] >= 2 * rows * 2**20 and memory["total"] == memory["temp"] + memory["arguments"]
+  assert "flops_per_chip" not in double and "roofline_bound" not in double
+  table = job.format_table({"job": "transfer", "image_encoder": "-", "note": "-", "rows": [fitting, double],
+                            "max_batch": [{"target": target.name, **found}]})
+  assert "NO: refused by the compiler (it can use 15.75)" in table
+  assert f"| {rows} | {fitting['memory_bytes']['total'] / 2**30:.2f} | ≥ " in table
+
+
 def test_bad_target_lists_the_known_ones():
   with pytest.raises(ConfigError) as e:
     targets.get("v5e-3")

@@ -11,6 +11,11 @@ backend that implements it), for comparison.
 
 The roofline bound is max(FLOPs / peak, bytes / bandwidth): a lower bound on the step time, not a
 measurement.
+
+The TPU compiler refuses a program that does not fit the chip (RESOURCE_EXHAUSTED at buffer
+assignment) instead of compiling it: such a step is an Analysis with `refused` set, whose memory is a
+lower bound (the state, the batch shard and the temporaries the compiler said it needed) and which has no
+FLOPs. The GPU compiler compiles such a step and reports its size.
 """
 from __future__ import annotations
 
@@ -91,13 +96,16 @@ class Analysis:
   compile_s: float
   lowered_flops: float | None = None
   hlo_text: str = dataclasses.field(default="", repr=False)
+  # When the compiler refused the step: {"reason": its message, "available_bytes": what it could use};
+  # the memory is then a lower bound.
+  refused: dict[str, Any] | None = None
 
   @property
   def total_bytes(self) -> int:
     return self.memory["total"]
 
   def fits(self, chip_memory: int) -> bool:
-    return self.total_bytes <= chip_memory
+    return not self.refused and self.total_bytes <= chip_memory
 
 
 def memory_breakdown(memory, state_bytes: int, batch_bytes_per_chip: int) -> dict[str, int]:
@@ -121,11 +129,42 @@ _TRITON_HINT = ("; run the plan with XLA_FLAGS=--xla_gpu_enable_triton_gemm=fals
                 "with cuBLAS matrix multiplications instead of Triton's")
 
 
+# libtpu's refusal: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
+# temporaries (32.50G) exceeds available HBM (15.75G)." Its units are binary (a v5e chip's 16 GiB, less
+# what the runtime reserves, reads 15.75G). Another RESOURCE_EXHAUSTED is a refusal with no figures.
+_REFUSED = re.compile(r"HLO temporaries \((?P<temp>[0-9.]+)(?P<u1>[KMGT]?)\) exceeds available HBM "
+                      r"\((?P<have>[0-9.]+)(?P<u2>[KMGT]?)\)")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class Refused(Exception):
+  """The compiler would not compile the program for lack of memory: `temp` / `available` are its
+  figures in bytes (0 where its message gives none)."""
+
+  def __init__(self, message: str, temp: int, available: int):
+    super().__init__(message)
+    self.message, self.temp, self.available = message, temp, available
+
+
+def refusal(message: str) -> Refused | None:
+  """The compiler's out-of-memory refusal in `message` (the first line of its error), or None."""
+  if not message.startswith("RESOURCE_EXHAUSTED"):
+    return None
+  match = _REFUSED.search(message)
+  if not match:
+    return Refused(message, 0, 0)
+  return Refused(message, int(float(match["temp"]) * _UNIT[match["u1"]]),
+                 int(float(match["have"]) * _UNIT[match["u2"]]))
+
+
 def _compile(lowered, platform: str):
   try:
     return lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     first = (str(e).splitlines() or [""])[0]
+    refused = refusal(first)
+    if refused:
+      raise refused from None
     hint = _TRITON_HINT if platform != "tpu" and _TRITON_TILING in first else ""
     raise CompileFailed(f"the {platform} compiler failed on this step: {first[:240]}{hint}") from None
 
@@ -136,11 +175,21 @@ def compile_and_analyse(program, platform: str, *, keep_hlo: bool = False,
   compiler reports."""
   start = time.perf_counter()
   lowered = program.lower()
-  compiled = _compile(lowered, platform)
-  seconds = time.perf_counter() - start
   mesh_size = program.global_batch // program.rows_per_chip
-  memory = memory_breakdown(compiled.memory_analysis(), programs.tree_bytes(program.state),
-                            programs.tree_bytes(program.batch) // mesh_size)
+  state_bytes, batch_bytes = (programs.tree_bytes(program.state),
+                              programs.tree_bytes(program.batch) // mesh_size)
+  try:
+    compiled = _compile(lowered, platform)
+  except Refused as refused:
+    # What it needs at least: its arguments and the temporaries the compiler counted.
+    memory = {"state": state_bytes, "batch": batch_bytes, "temp": refused.temp, "outputs": 0,
+              "code": 0, "arguments": state_bytes + batch_bytes,
+              "total": state_bytes + batch_bytes + refused.temp}
+    return Analysis(memory=memory, flops=0.0, bytes_accessed=0.0, cost_source="", collectives={},
+                    compile_s=time.perf_counter() - start,
+                    refused={"reason": refused.message[:300], "available_bytes": refused.available})
+  seconds = time.perf_counter() - start
+  memory = memory_breakdown(compiled.memory_analysis(), state_bytes, batch_bytes)
   text = compiled.as_text()
   if platform == "tpu":
     cost, source = compiled.cost_analysis(), "TPU compiler"

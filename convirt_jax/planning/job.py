@@ -65,14 +65,43 @@ class Planner:
     self.mesh = devices.mesh_for(target)
     self._cache: dict[tuple[int, str], dict[str, Any]] = {}
 
+  def program(self, config: ml_collections.ConfigDict) -> programs.Program:
+    return programs.build(config, self.job, self.mesh, self.bert)
+
   def row(self, config: ml_collections.ConfigDict, with_lowered: bool = False) -> dict[str, Any]:
     """The plan of `config`'s step on the target (one table row)."""
     target, chip = self.target, self.target.chip
-    program = programs.build(config, self.job, self.mesh, self.bert)
+    program = self.program(config)
     self.log(f"  compiling for {target.name}: {program.rows_per_chip} rows per chip, "
              f"{_setting(config, self.job)}...")
     with devices.quiet_native_stderr():
       result = analysis.compile_and_analyse(program, target.platform, with_lowered=with_lowered)
+    row = {
+        "target": target.name, "chip": chip.kind, "chips": target.chips, "hosts": target.hosts,
+        "job": self.job, "precision": config.train.precision if self.job == "pretrain"
+        else config.finetune.precision, "augment_on": config.data.augment_on,
+        "setting": _setting(config, self.job),
+        "global_batch": program.global_batch, "rows_per_chip": program.rows_per_chip,
+        "memory_bytes": result.memory, "chip_memory_bytes": chip.memory_bytes,
+        "fits": result.fits(chip.memory_bytes), "compile_s": result.compile_s,
+    }
+    if result.refused:
+      # No program, so no FLOPs, bound or collectives: the memory is what it would need at least.
+      row["refused"] = result.refused
+      self.log(f"    {target.name} {program.rows_per_chip} rows/chip {row['setting']}: does not fit, "
+               f"refused by the compiler (at least {result.total_bytes / GIB:.2f} GiB; it can use "
+               f"{result.refused['available_bytes'] / GIB:.2f})")
+      return row
+    row.update(self._performance(config, program, result))
+    self.log(f"    {target.name} {program.rows_per_chip} rows/chip {row['setting']}: "
+             f"{result.total_bytes / GIB:.2f} of {chip.memory_bytes / GIB:.2f} GiB "
+             f"({'fits' if row['fits'] else 'does not fit'}), {result.flops / 1e12:.3f} TFLOP, "
+             f"bound {row['roofline_bound']['bound_s'] * 1e3:.2f} ms, compiled in {result.compile_s:.0f} s")
+    return row
+
+  def _performance(self, config, program: programs.Program, result: analysis.Analysis) -> dict[str, Any]:
+    """A compiled step's FLOPs, bytes, roofline bound, collectives and the input side it needs."""
+    target, chip = self.target, self.target.chip
     if target.platform != "tpu":
       # The GPU compiler's module hides its convolutions in cuDNN calls that HloCostAnalysis does not
       # count: the FLOPs are those of the program before optimisation (the same arithmetic).
@@ -86,24 +115,13 @@ class Planner:
                               chip.hbm_bytes_per_s)
     images_per_s = program.rows_per_chip / bound["bound_s"] if bound["bound_s"] > 0 else math.inf
     row = {
-        "target": target.name, "chip": chip.kind, "chips": target.chips, "hosts": target.hosts,
-        "job": self.job, "precision": config.train.precision if self.job == "pretrain"
-        else config.finetune.precision, "augment_on": config.data.augment_on,
-        "setting": _setting(config, self.job),
-        "global_batch": program.global_batch, "rows_per_chip": program.rows_per_chip,
-        "memory_bytes": result.memory, "chip_memory_bytes": chip.memory_bytes,
-        "fits": result.fits(chip.memory_bytes),
         "flops_per_chip": result.flops, "bytes_accessed_per_chip": result.bytes_accessed,
         "lowered_flops_per_chip": result.lowered_flops, "cost_source": result.cost_source,
         "roofline_bound": {**bound, "images_per_s_per_chip": images_per_s,
                            "peak_bf16_flops": chip.peak_bf16_flops,
                            "hbm_bytes_per_s": chip.hbm_bytes_per_s, "source": chip.source},
-        "collectives": result.collectives, "compile_s": result.compile_s,
+        "collectives": result.collectives,
     }
-    self.log(f"    {target.name} {program.rows_per_chip} rows/chip {row['setting']}: "
-             f"{result.total_bytes / GIB:.2f} of {chip.memory_bytes / GIB:.2f} GiB "
-             f"({'fits' if row['fits'] else 'does not fit'}), {result.flops / 1e12:.3f} TFLOP, "
-             f"bound {bound['bound_s'] * 1e3:.2f} ms, compiled in {result.compile_s:.0f} s")
     if self.job == "pretrain" and config.train.microbatch_size:
       # Its micro-batches run in scans, and XLA's cost analysis counts a loop body once.
       row["cost_note"] = ("FLOPs, bytes and the bound count each micro-batch loop's body once: they are "
@@ -135,12 +153,16 @@ class Planner:
     compiled, moving one power of two at a time until the first fits and the second does not.
     """
     capacity = capacity or self.target.chip.memory_bytes
-    fits = lambda rows: self.at(rows, mode)["memory_bytes"]["total"] <= capacity
+
+    def fits(rows: int) -> bool:  # a step the compiler refused does not fit, whatever its figures
+      row = self.at(rows, mode)
+      return "refused" not in row and row["memory_bytes"]["total"] <= capacity
+
     rows = 2 ** int(math.log2(max(1, start)))
     first = self.at(rows, mode)["memory_bytes"]
     fixed = first["state"] + first["outputs"] + first["code"]
     per_row = (first["temp"] + first["batch"]) / rows
-    if first["total"] <= capacity and per_row > 0:
+    if fits(rows) and per_row > 0:
       predicted = max(1.0, min((capacity - fixed) / per_row, MAX_ROWS_PER_CHIP))
       rows = max(rows, 2 ** int(math.log2(predicted)))
     while rows > 1 and not fits(rows):
@@ -154,7 +176,10 @@ class Planner:
            "total_bytes": fitting["memory_bytes"]["total"],
            "images_per_s_per_chip_bound": fitting["roofline_bound"]["images_per_s_per_chip"]}
     if rows * 2 <= MAX_ROWS_PER_CHIP:
-      out["double_total_bytes"] = self.at(rows * 2, mode)["memory_bytes"]["total"]
+      double = self.at(rows * 2, mode)
+      out["double_total_bytes"] = double["memory_bytes"]["total"]
+      if "refused" in double:  # its total is then what the compiler said it needs at least
+        out["double_refused"] = True
     else:
       out["note"] = f"capped at {MAX_ROWS_PER_CHIP} rows per chip"
     return out
@@ -232,7 +257,15 @@ def format_table(report: dict[str, Any]) -> str:
             "| TFLOP/chip | GB accessed | bound ms (by) | img/s/chip bound | cores/chip at bound, 40% "
             "(host has) | collectives | compile s |", "|" + "---|" * 17]
   for r in report["rows"]:
-    m, b = r["memory_bytes"], r["roofline_bound"]
+    m = r["memory_bytes"]
+    head = (f"| {r['target']} | {r['rows_per_chip']} | {r['setting']}, augment on {r['augment_on']} "
+            f"| {_gib(m['state'])} | {_gib(m['batch'])} | {_gib(m['temp'])} ")
+    if "refused" in r:  # no program: its memory is a lower bound, and it has no FLOPs
+      lines.append(head + f"| - | ≥ {_gib(m['total'])} | {_gib(r['chip_memory_bytes'])} | NO: refused by "
+                   f"the compiler (it can use {_gib(r['refused']['available_bytes'])}) | - | - | - | - | - "
+                   f"| - | {r['compile_s']:.0f} |")
+      continue
+    b = r["roofline_bound"]
     cores = "-"
     if "input" in r:
       i = r["input"]
@@ -241,9 +274,7 @@ def format_table(report: dict[str, Any]) -> str:
                                                     else " exceeds at bound" if i["exceeds_host_at_bound"]
                                                     else ""))
     lines.append(
-        f"| {r['target']} | {r['rows_per_chip']} | {r['setting']}, augment on {r['augment_on']} "
-        f"| {_gib(m['state'])} | {_gib(m['batch'])} "
-        f"| {_gib(m['temp'])} | {_gib(m['outputs'])} | {_gib(m['total'])} | {_gib(r['chip_memory_bytes'])} "
+        head + f"| {_gib(m['outputs'])} | {_gib(m['total'])} | {_gib(r['chip_memory_bytes'])} "
         f"| {'yes' if r['fits'] else 'NO'} | {r['flops_per_chip'] / 1e12:.2f} "
         f"| {r['bytes_accessed_per_chip'] / 1e9:.1f} | {b['bound_s'] * 1e3:.1f} ({b['bound_by']}) "
         f"| {b['images_per_s_per_chip']:.0f}{' *' if 'cost_note' in r else ''} | {cores} | {_collectives(r)} "
@@ -254,7 +285,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", "| target | setting | largest rows/chip that fits | its total GiB | double's total GiB "
               "| img/s/chip bound |", "|" + "---|" * 6]
     for r in report["max_batch"]:
-      double = _gib(r["double_total_bytes"]) if "double_total_bytes" in r else r.get("note", "-")
+      double = r.get("note", "-")
+      if "double_total_bytes" in r:
+        double = (f"≥ {_gib(r['double_total_bytes'])} (refused by the compiler)" if r.get("double_refused")
+                  else _gib(r["double_total_bytes"]))
       lines.append(f"| {r['target']} | {r.get('setting', r['mode'])} | {r['rows_per_chip']} "
                    f"| {_gib(r.get('total_bytes', 0))} | {double} "
                    f"| {r.get('images_per_s_per_chip_bound', 0):.0f} |")
