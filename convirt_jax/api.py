@@ -10,6 +10,7 @@ projections, or with `project=False` the encoders' pooled features (2048 for Res
 """
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 import os
 from typing import Any, Sequence
@@ -19,9 +20,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from convirt_jax import logs, storage
+from convirt_jax import logs, parallel, storage
 from convirt_jax.data.augment import eval_transform
-from convirt_jax.evaluate.features import jitted_encoders
+from convirt_jax.evaluate.features import Embedder, Reading
 from convirt_jax.errors import CheckpointError
 from convirt_jax.losses import l2_normalize
 from convirt_jax.models.bert import BertConfig
@@ -70,40 +71,23 @@ class ConVIRT:
     size = self.config.data.image_size
     prepared = [eval_transform(_channels_last(image), size) for image in images]
     prepared = np.stack(prepared) if prepared else np.zeros((0, size, size, 3), np.uint8)
-    return self._encode(self._encode_images_fn, (prepared,), project, batch_size)
+    out = self._embedder.arrays({"image": prepared}, batch_size)
+    return l2_normalize(out["image_emb"]) if project else out["image_features"]
 
   def encode_texts(self, texts: Sequence[str], *, project: bool = True,
                    batch_size: int = 256) -> np.ndarray:
     if isinstance(texts, str):
       raise TypeError("encode_texts takes a list of strings, not a single string")
     tokens = self.tokenizer(list(texts))
-    return self._encode(self._encode_texts_fn, (tokens["input_ids"], tokens["attention_mask"]),
-                        project, batch_size)
+    out = self._embedder.arrays({k: np.asarray(tokens[k], np.int32) for k in ("input_ids", "attention_mask")},
+                                batch_size)
+    return l2_normalize(out["text_emb"]) if project else out["text_features"]
 
-  def _encode(self, fn, arrays: tuple[np.ndarray, ...], project: bool, batch_size: int) -> np.ndarray:
-    n = len(arrays[0])
-    if n == 0:  # the width the encoder gives, from its output shape on one row
-      one = [np.zeros((1,) + a.shape[1:], a.dtype) for a in arrays]
-      width = jax.eval_shape(fn, self.variables, *one)[1 if project else 0].shape[-1]
-      return np.zeros((0, width), np.float32)
-    outputs = []
-    for start in range(0, n, batch_size):
-      chunk = [a[start:start + batch_size] for a in arrays]
-      real = len(chunk[0])
-      # Pad to a fixed batch so that one compiled function serves every call.
-      chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) for c in chunk]
-      features, projection = fn(self.variables, *chunk)
-      outputs.append(np.asarray(projection if project else features)[:real])
-    out = np.concatenate(outputs)
-    return l2_normalize(out) if project else out
-
-  @property
-  def _encode_images_fn(self):
-    return jitted_encoders(self.model)[0]
-
-  @property
-  def _encode_texts_fn(self):
-    return jitted_encoders(self.model)[1]
+  @functools.cached_property
+  def _embedder(self) -> Embedder:
+    """The evaluators' embedding path, on this process's devices (the API is per process)."""
+    return Embedder(self.model, self.variables, parallel.make_mesh(jax.local_devices()),
+                    Reading.of(self.config))
 
 
 def _channels_last(image: np.ndarray) -> np.ndarray:

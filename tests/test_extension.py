@@ -71,7 +71,8 @@ from convirt_jax.evaluate import features
 
 def run(job, encoder):
   splits = features.pooled_features(job.model, job.encoder_variables(encoder),
-                                    {s: job.dataset.sources[s] for s in ("train", "test")}, job.config, job.mesh)
+                                    {s: job.dataset.sources[s] for s in ("train", "test")},
+                                    features.Reading.of(job.config), job.mesh)
   (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
   positive = train_y[:, 0] == 1
   direction = train_x[positive].mean(axis=0) - train_x[~positive].mean(axis=0)

@@ -44,6 +44,9 @@ def _config(**data):
   return config
 
 
+_EVAL = {"image_size": SIZE, "read_threads": 2}  # what eval_batches reads of _config()
+
+
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
@@ -210,7 +213,7 @@ def test_eval_batches_cover_every_record_once_in_order(tokenizer):
   assert expected_batches == 2
   indices = []
   for shard in range(shards):
-    batches = list(pipeline.eval_batches(source, tokenizer, _config(), batch_size=batch_size,
+    batches = list(pipeline.eval_batches(source, tokenizer, **_EVAL, batch_size=batch_size,
                                          shard_index=shard, shard_count=shards))
     assert len(batches) == expected_batches
     for batch in batches:
@@ -234,7 +237,7 @@ def test_eval_shards_pad_whole_batches_when_records_run_out(tokenizer):
   source = [_record(i) for i in range(3)]
   counts, real = [], 0
   for shard in range(4):  # ceil(3 / 4) = 1 record per shard: the last shard has none.
-    batches = list(pipeline.eval_batches(source, tokenizer, _config(), batch_size=2,
+    batches = list(pipeline.eval_batches(source, tokenizer, **_EVAL, batch_size=2,
                                          shard_index=shard, shard_count=4))
     counts.append(len(batches))
     real += sum(int(b["mask"].sum()) for b in batches)
@@ -244,10 +247,10 @@ def test_eval_shards_pad_whole_batches_when_records_run_out(tokenizer):
 def test_eval_text_override_replaces_the_reports(tokenizer):
   source = [_record(i) for i in range(3)]
   prompts = ["no finding", "cardiomegaly", "pleural effusion"]
-  batch = next(pipeline.eval_batches(source, tokenizer, _config(), batch_size=4, text_override=prompts))
+  batch = next(pipeline.eval_batches(source, tokenizer, **_EVAL, batch_size=4, text_override=prompts))
   np.testing.assert_array_equal(batch["input_ids"][:3], tokenizer(prompts)["input_ids"])
   with pytest.raises(ValueError, match="text_override"):
-    pipeline.eval_batches(source, tokenizer, _config(), batch_size=4, text_override=prompts[:2])
+    pipeline.eval_batches(source, tokenizer, **_EVAL, batch_size=4, text_override=prompts[:2])
 
 
 def test_text_batches_pad_the_last_batch(tokenizer):
@@ -293,23 +296,23 @@ def test_a_tfds_array_record_source_gives_the_same_batches(tokenizer, tmp_path):
   assert sorted(int(r["labels"][0]) for r in in_memory) == list(range(10))
   make = lambda src: iter(pipeline.train_loader(src, tokenizer, _config(), local_batch_size=4, seed=0))
   _assert_same_batches(_take(make(in_memory), 5), _take(make(source), 5))
-  evaluate = lambda src: list(pipeline.eval_batches(src, tokenizer, _config(), batch_size=4))
+  evaluate = lambda src: list(pipeline.eval_batches(src, tokenizer, **_EVAL, batch_size=4))
   _assert_same_batches(evaluate(in_memory), evaluate(source))
 
 
 def test_bad_records_are_named(tokenizer):
   source = [_record(i) for i in range(4)] + [_record(4, text="\n  \n")]
   with pytest.raises(DataError, match="synthetic/train/4"):
-    list(pipeline.eval_batches(source, tokenizer, _config(), batch_size=5))
+    list(pipeline.eval_batches(source, tokenizer, **_EVAL, batch_size=5))
   loader = pipeline.train_loader(source, tokenizer, _config(), local_batch_size=5, seed=0)
   with pytest.raises(DataError, match="synthetic/train/4"):
     next(iter(loader))
   rgb = dict(_record(0), image=np.zeros((40, 48, 3), np.uint8))
   with pytest.raises(DataError, match="synthetic/train/0.*uint8"):
-    list(pipeline.eval_batches([rgb], tokenizer, _config(), batch_size=1))
+    list(pipeline.eval_batches([rgb], tokenizer, **_EVAL, batch_size=1))
   no_text = {k: v for k, v in _record(1).items() if k != "text"}
   with pytest.raises(DataError, match="synthetic/train/1.*'text'"):
-    list(pipeline.eval_batches([_record(0), no_text], tokenizer, _config(), batch_size=2))
+    list(pipeline.eval_batches([_record(0), no_text], tokenizer, **_EVAL, batch_size=2))
   three_labels = dict(_record(1), labels=np.zeros((3,), np.float32))
   with pytest.raises(DataError, match="synthetic/train/1.*labels"):
     next(iter(pipeline.train_loader([_record(0), three_labels], tokenizer, _config(), local_batch_size=2,

@@ -58,6 +58,7 @@ class Dataset:
   task: str                        # "multilabel" | "multiclass"
   retrieval_text_queries: dict[str, list[str]] | None
   info: tfds.core.DatasetInfo
+  name: str                        # its registered name (config.data.name)
 
 
 def _builder_parts(config: ml_collections.ConfigDict):
@@ -217,6 +218,7 @@ def load_dataset(config: ml_collections.ConfigDict, data_dir: str, *, is_builder
       retrieval_text_queries=(None if retrieval_text_queries is None
                               else {k: list(v) for k, v in retrieval_text_queries.items()}),
       info=reader.info,
+      name=config.data.name,
   )
 
 

@@ -136,8 +136,7 @@ class _DropText(grain.transforms.Map):
     return {k: v for k, v in batch.items() if k != "text"}
 
 
-def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
-  threads = int(config.data.num_threads)
+def _read_options(threads: int) -> grain.ReadOptions:
   # Elements are whole batches here: a short buffer keeps every thread busy without hoarding memory.
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
@@ -208,7 +207,7 @@ def train_loader(source: Sequence[Record], tokenizer, config: ml_collections.Con
   if tokenizer is not None:
     ds = ds.map(_Tokenize(tokenizer))
   ds = ds.repeat(None)
-  ds = ds.to_iter_dataset(_read_options(config))
+  ds = ds.to_iter_dataset(_read_options(int(config.data.num_threads)))
   workers = int(config.data.worker_count)
   if workers > 0:
     # grain's worker processes read absl flags; a program not run under absl.app has not parsed them.
@@ -262,8 +261,8 @@ class _EvalExample(grain.transforms.Map):
             "index": np.int32(index)}
 
 
-def eval_batches(source: Sequence[Record], tokenizer, config: ml_collections.ConfigDict, *,
-                 batch_size: int, shard_index: int = 0, shard_count: int = 1,
+def eval_batches(source: Sequence[Record], tokenizer, *, image_size: int, batch_size: int,
+                 read_threads: int, shard_index: int = 0, shard_count: int = 1,
                  text_override: Sequence[str] | None = None) -> Iterator[Batch]:
   """Every record once, in dataset order, with the evaluation transform and the whole text.
 
@@ -273,6 +272,9 @@ def eval_batches(source: Sequence[Record], tokenizer, config: ml_collections.Con
 
   Args:
     tokenizer: as `train_loader`'s; None gives image-only batches (no text is read).
+    image_size: the evaluation transform's output side (config.data.image_size).
+    batch_size: this process's rows per batch.
+    read_threads: grain's read threads (config.data.num_threads).
     text_override: one text per record of the source, used instead of its "text" (e.g. another prompt).
   Returns:
     An iterator of host batches with "mask" bool [b] and "index" int32 [b] added.
@@ -287,11 +289,11 @@ def eval_batches(source: Sequence[Record], tokenizer, config: ml_collections.Con
   num_labels = _labels(source[0]).shape[0]
   rows = _eval_shard_rows(len(source), batch_size, shard_index, shard_count)
   ds = grain.MapDataset.source(rows).map(
-      _EvalExample(source, int(config.data.image_size), num_labels, text_override,
+      _EvalExample(source, int(image_size), num_labels, text_override,
                    with_text=tokenizer is not None))
   ds = ds.batch(batch_size)
   ds = ds.map(_Tokenize(tokenizer)) if tokenizer is not None else ds.map(_DropText())
-  return iter(ds.to_iter_dataset(_read_options(config)))
+  return iter(ds.to_iter_dataset(_read_options(int(read_threads))))
 
 
 def text_batches(texts: Sequence[str], tokenizer, batch_size: int) -> Iterator[Batch]:

@@ -221,22 +221,22 @@ def score(retrieval_set: RetrievalSet, ks: Sequence[int], candidate_features: np
 
 
 def evaluate_encoder(encoder_variables: dict[str, Any], classifier, retrieval_set: RetrievalSet,
-                     config: ml_collections.ConfigDict, mesh, convirt=None) -> dict[str, Any]:
+                     ks: Sequence[int], reading: features_lib.Reading, mesh, convirt=None) -> dict[str, Any]:
   """The protocol for one encoder: a ConVIRT encoder (`convirt`, its loaded `convirt_jax.ConVIRT`) is
   embedded by its own model (pooled features and projections, and its text tower for the text queries);
   another by the transfer job's `classifier` (an `ImageClassifier` of the same image encoder, with
   `encoder_variables`; its pooled features)."""
-  ks = tuple(int(k) for k in config.retrieval.k)
+  ks = tuple(int(k) for k in ks)
   candidates, queries = retrieval_set.records("candidates"), retrieval_set.records("queries")
   if convirt is not None:
-    embedder = features_lib.Embedder(convirt.model, convirt.variables, mesh)
-    cand = embedder.split(candidates, None, config, with_text=False)
-    query = embedder.split(queries, None, config, with_text=False)
+    embedder = features_lib.Embedder(convirt.model, convirt.variables, mesh, reading)
+    cand = embedder.split(candidates, None, with_text=False)
+    query = embedder.split(queries, None, with_text=False)
     text_emb = convirt.encode_texts(list(retrieval_set.texts))
     return score(retrieval_set, ks, cand["image_features"], query["image_features"],
                  candidate_emb=cand["image_emb"], text_emb=text_emb)
   embedded = features_lib.pooled_features(classifier, encoder_variables,
-                                          {"candidates": candidates, "queries": queries}, config, mesh)
+                                          {"candidates": candidates, "queries": queries}, reading, mesh)
   return score(retrieval_set, ks, embedded["candidates"][0], embedded["queries"][0])
 
 
@@ -250,6 +250,7 @@ def run(job, encoder) -> dict[str, Any]:
 
   def compute():
     metric_logging.announce(f"Retrieval protocol: {encoder.name}...")
-    return evaluate_encoder(job.encoder_variables(encoder), job.model, job.retrieval_set, config, job.mesh,
+    return evaluate_encoder(job.encoder_variables(encoder), job.model, job.retrieval_set, config.retrieval.k,
+                            features_lib.Reading.of(config), job.mesh,
                             convirt=job.convirt(encoder) if encoder.is_convirt else None)
   return job.cached("retrieval", encoder, settings, compute)

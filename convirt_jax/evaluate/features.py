@@ -6,6 +6,7 @@ numpy arrays.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -49,41 +50,60 @@ def per_process_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return per_device * len(mesh.local_devices)
 
 
-def predict(fn: Callable, variables: Any, source: Sequence[Any], config: ml_collections.ConfigDict,
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """How a split is read to be embedded: the evaluation transform's side, the global batch (rounded up
+  to fill every device) and grain's read threads."""
+  image_size: int
+  batch_size: int
+  read_threads: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Reading":
+    """data.image_size, eval.batch_size and data.num_threads of a job's config."""
+    return cls(int(config.data.image_size), int(config.eval.batch_size), int(config.data.num_threads))
+
+  def batches(self, source: Sequence[Any], tokenizer, mesh: jax.sharding.Mesh, **kwargs):
+    """This process's share of every record of `source` (`pipeline.eval_batches`)."""
+    return pipeline.eval_batches(source, tokenizer, image_size=self.image_size,
+                                 batch_size=per_process_batch(self.batch_size, mesh),
+                                 read_threads=self.read_threads, shard_index=jax.process_index(),
+                                 shard_count=jax.process_count(), **kwargs)
+
+
+def predict(fn: Callable, variables: Any, source: Sequence[Any], reading: Reading,
             mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
   """(fn's rows, labels) of every record of `source`, in order, on every process.
 
   `fn(variables, images)` is a jitted function of images sharded over "data" (e.g.
-  `classifier_steps.make_predict_fn`); images get the evaluation transform at config.data.image_size.
+  `classifier_steps.make_predict_fn`); images get the evaluation transform at reading.image_size.
   """
-  batches = pipeline.eval_batches(source, None, config, batch_size=per_process_batch(config.eval.batch_size, mesh),
-                                  shard_index=jax.process_index(), shard_count=jax.process_count())
   compute = lambda batch: {"rows": fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])}
-  rows = in_order(batches, compute, len(source))
+  rows = in_order(reading.batches(source, None, mesh), compute, len(source))
   return rows["rows"], rows["labels"]
 
 
 def pooled_features(classifier, encoder_variables: Mapping[str, Any], sources: Mapping[str, Sequence[Any]],
-                    config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                    reading: Reading, mesh: jax.sharding.Mesh) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{name: (pooled features f_v, labels)} of each source, embedded by the image encoder of
   `classifier` (a `models.classifier.ImageClassifier`) with `encoder_variables`: how the transfer job's
   protocols embed every kind of encoder."""
   variables = parallel.replicate(classifier_lib.classifier_variables(classifier, encoder_variables, seed=0),
                                  mesh)
   features_fn = classifier_steps.make_predict_fn(classifier, mesh, features=True)
-  return {name: predict(features_fn, variables, source, config, mesh) for name, source in sources.items()}
+  return {name: predict(features_fn, variables, source, reading, mesh) for name, source in sources.items()}
 
 
-def in_order(batches, compute: Callable[[dict], dict], n: int) -> dict[str, np.ndarray]:
+def in_order(batches, compute: Callable[[dict], dict], n: int,
+             gather: Callable[[Any], np.ndarray] = parallel.gather_rows) -> dict[str, np.ndarray]:
   """The rows of `compute(batch)` and the batches' labels over every batch of every process, gathered,
   the padding dropped (batch["mask"]) and in dataset order (batch["index"]): the one way every
-  embedding of a split or of texts is collected."""
+  embedding of a split, of texts or of in-memory arrays is collected."""
   collected = {}
   for batch in batches:
     outputs = dict(compute(batch), **{k: batch[k] for k in ("labels", "index", "mask") if k in batch})
     for key, value in outputs.items():
-      collected.setdefault(key, []).append(parallel.gather_rows(value))
+      collected.setdefault(key, []).append(gather(value))
   mask = np.concatenate(collected.pop("mask")).astype(bool)
   order = np.concatenate(collected.pop("index"))[mask]
   assert len(order) == n and np.array_equal(np.sort(order), np.arange(n)), "every record exactly once"
@@ -91,25 +111,40 @@ def in_order(batches, compute: Callable[[dict], dict], n: int) -> dict[str, np.n
           for key, values in collected.items()}
 
 
-class Embedder:
-  """Jitted image/text encoders of one model, with the variables replicated on `mesh`."""
+def array_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
+  """In-memory rows -> batches of `batch_size` with "mask" and "index", the last padded with copies of
+  its last row (one compiled shape for every call)."""
+  n = len(next(iter(arrays.values())))
+  for start in range(0, n, batch_size):
+    real = min(batch_size, n - start)
+    batch = {k: np.concatenate([v[start:start + real], np.repeat(v[start + real - 1:start + real],
+                                                                  batch_size - real, axis=0)])
+             for k, v in arrays.items()}
+    mask = np.arange(batch_size) < real
+    yield {**batch, "mask": mask,
+           "index": np.where(mask, np.arange(start, start + batch_size), -1).astype(np.int32)}
 
-  def __init__(self, model: ConVIRTModel, variables: dict[str, Any], mesh: jax.sharding.Mesh):
-    self.mesh = mesh
+
+class Embedder:
+  """Jitted image/text encoders of one model, with the variables replicated on `mesh`. Rows are
+  gathered over the processes the mesh spans (none but this one for a mesh of its local devices)."""
+
+  def __init__(self, model: ConVIRTModel, variables: dict[str, Any], mesh: jax.sharding.Mesh,
+               reading: Reading):
+    self.mesh, self.reading = mesh, reading
     self.variables = parallel.replicate({"params": variables["params"],
                                          "batch_stats": variables["batch_stats"]}, mesh)
     self._images, self._texts = jitted_encoders(model)
+    self._gather = (np.asarray if len(mesh.local_devices) == mesh.devices.size else parallel.gather_rows)
 
-  def split(self, source: Sequence[Any], tokenizer, config, *, with_text: bool = True) -> dict[str, np.ndarray]:
+  def split(self, source: Sequence[Any], tokenizer, *, with_text: bool = True) -> dict[str, np.ndarray]:
     """{"image_features", "image_emb"[, "text_features", "text_emb"], "labels"} for every record, in order."""
-    batch_size = per_process_batch(config.eval.batch_size, self.mesh)
-    batches = pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+    batches = self.reading.batches(source, tokenizer, self.mesh)
     return self._run(batches, len(source), with_images=True, with_text=with_text)
 
-  def texts(self, texts: Sequence[str], tokenizer, config) -> dict[str, np.ndarray]:
+  def texts(self, texts: Sequence[str], tokenizer) -> dict[str, np.ndarray]:
     """{"text_features", "text_emb"} of free texts (every process passes the same list)."""
-    batch_size = per_process_batch(config.eval.batch_size, self.mesh) * jax.process_count()
+    batch_size = per_process_batch(self.reading.batch_size, self.mesh) * jax.process_count()
     # Every process holds all texts; each feeds its own slice of every batch.
     local = jax.process_index() * (batch_size // jax.process_count())
     width = batch_size // jax.process_count()
@@ -117,18 +152,36 @@ class Embedder:
                for b in pipeline.text_batches(texts, tokenizer, batch_size))
     return self._run(batches, len(texts), with_images=False, with_text=True)
 
-  def _run(self, batches, n, *, with_images: bool, with_text: bool) -> dict[str, np.ndarray]:
-    def compute(batch):
-      inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS if k in batch}, self.mesh)
-      outputs = {}
+  def arrays(self, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """This process's in-memory rows: {"image": uint8 [N, S, S, 3]} (evaluation-transformed) ->
+    {"image_features", "image_emb"}, or {"input_ids", "attention_mask"} -> {"text_features",
+    "text_emb"}. No rows give no rows, of the encoder's widths."""
+    with_images = "image" in inputs
+    n = len(next(iter(inputs.values())))
+    if n == 0:
+      one = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in inputs.items()}
       if with_images:
-        outputs["image_features"], outputs["image_emb"] = self._images(self.variables, inputs["image"])
-      if with_text:
-        outputs["text_features"], outputs["text_emb"] = self._texts(
-            self.variables, inputs["input_ids"], inputs["attention_mask"])
-      return outputs
+        shapes = dict(zip(("image_features", "image_emb"),
+                          jax.eval_shape(self._images, self.variables, one["image"])))
+      else:
+        shapes = dict(zip(("text_features", "text_emb"), jax.eval_shape(
+            self._texts, self.variables, one["input_ids"], one["attention_mask"])))
+      return {k: np.zeros((0, v.shape[-1]), v.dtype) for k, v in shapes.items()}
+    batches = array_batches(inputs, per_process_batch(batch_size, self.mesh))
+    return self._run(batches, n, with_images=with_images, with_text=not with_images)
 
-    return in_order(batches, compute, n)
+  def _compute(self, batch, with_images: bool, with_text: bool) -> dict[str, Any]:
+    inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS if k in batch}, self.mesh)
+    outputs = {}
+    if with_images:
+      outputs["image_features"], outputs["image_emb"] = self._images(self.variables, inputs["image"])
+    if with_text:
+      outputs["text_features"], outputs["text_emb"] = self._texts(
+          self.variables, inputs["input_ids"], inputs["attention_mask"])
+    return outputs
+
+  def _run(self, batches, n, *, with_images: bool, with_text: bool) -> dict[str, np.ndarray]:
+    return in_order(batches, lambda batch: self._compute(batch, with_images, with_text), n, self._gather)
 
 
 @functools.lru_cache(maxsize=4)

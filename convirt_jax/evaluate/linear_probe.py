@@ -318,7 +318,8 @@ def run(job, encoder) -> dict[str, Any]:
   def compute():
     metric_logging.announce(f"Linear protocol: {encoder.name}...")
     sources = {s: v for s, v in job.dataset.sources.items() if s in ("train", "validation", "test")}
-    splits = features_lib.pooled_features(job.model, job.encoder_variables(encoder), sources, config, job.mesh)
+    splits = features_lib.pooled_features(job.model, job.encoder_variables(encoder), sources,
+                                          features_lib.Reading.of(config), job.mesh)
     val, linear = splits.get("validation"), config.linear
     try:
       result = linear_probe(
@@ -334,7 +335,7 @@ def run(job, encoder) -> dict[str, Any]:
   return job.cached("linear", encoder, settings, compute)
 
 
-def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings, *,
+def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, settings, *, seed: int,
              plot_dir: str | None = None) -> dict[str, Any] | None:
   """The evaluator of `config.evals.linear_probe`: {dataset title: `linear_probe(...)` output} on the
   frozen encoder's pooled features, or None when the data set has no labels or no train/test split.
@@ -342,11 +343,11 @@ def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settin
   splits = dataset.sources
   if not dataset.label_names or "train" not in splits or "test" not in splits:
     return None
-  train_source = features_lib.capped(splits["train"], settings.max_train_examples, config.train.seed)
-  embed = lambda source: embedder.split(source, tokenizer, config, with_text=False)
+  train_source = features_lib.capped(splits["train"], settings.max_train_examples, seed)
+  embed = lambda source: embedder.split(source, tokenizer, with_text=False)
   train, test = embed(train_source), embed(splits["test"])
   val = embed(splits["validation"]) if "validation" in splits else None
-  title = registry.title(config.data.name)
+  title = registry.title(dataset.name)
   return {title: linear_probe(
       train["image_features"], train["labels"], test["image_features"], test["labels"],
       label_names=dataset.label_names, task=dataset.task, fractions=tuple(settings.fractions),

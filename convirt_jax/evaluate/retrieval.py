@@ -211,19 +211,19 @@ def text_to_image(text_emb: np.ndarray, text_category: np.ndarray, image_emb: np
                         category_names=category_names)
 
 
-def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settings, *,
+def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, settings, *, seed: int,
              plot_dir: str | None = None) -> dict[str, Any] | None:
   """The evaluator of `config.evals.retrieval`: Prec@k image->image (pooled features f_v) and
   text->image (projected embeddings), or None when the data set has no retrieval splits or text queries.
 
-  With `plot_dir`, process 0 also writes the top text->image matches of each category's first query.
+  (`seed` is unused: nothing is sampled.) With `plot_dir`, process 0 also writes the top text->image matches of each category's first query.
   """
   splits = dataset.sources
   if not ({"retrieval_candidates", "retrieval_queries"} <= set(splits) and dataset.retrieval_text_queries):
     return None
   everything = tuple(range(len(dataset.label_names)))
-  candidates = embedder.split(splits["retrieval_candidates"], tokenizer, config, with_text=False)
-  queries = embedder.split(splits["retrieval_queries"], tokenizer, config, with_text=False)
+  candidates = embedder.split(splits["retrieval_candidates"], tokenizer, with_text=False)
+  queries = embedder.split(splits["retrieval_queries"], tokenizer, with_text=False)
   candidate_category = category_pure(candidates["labels"], everything)
   query_category = category_pure(queries["labels"], everything)
   texts, text_category = [], []
@@ -231,7 +231,7 @@ def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, config, settin
     texts += list(category_texts)
     text_category += [dataset.label_names.index(name)] * len(category_texts)
   text_category = np.asarray(text_category)
-  text_emb = embedder.texts(texts, tokenizer, config)["text_emb"]
+  text_emb = embedder.texts(texts, tokenizer)["text_emb"]
   ks = tuple(settings.k)
   if plot_dir is not None and jax.process_index() == 0:
     _plot_examples(texts, text_category, text_emb, candidates["image_emb"], candidate_category,

@@ -130,8 +130,9 @@ def run(job, encoder) -> dict[str, Any] | None:
   def compute():
     metric_logging.announce(f"Zero-shot protocol: {encoder.name}...")
     convirt = job.convirt(encoder)
-    embedder = features_lib.Embedder(convirt.model, convirt.variables, job.mesh)
-    test = embedder.split(job.dataset.sources["test"], None, job.config, with_text=False)
+    embedder = features_lib.Embedder(convirt.model, convirt.variables, job.mesh,
+                                     features_lib.Reading.of(job.config))
+    test = embedder.split(job.dataset.sources["test"], None, with_text=False)
     class_emb = class_embeddings(prompts, convirt.encode_texts)
     result = evaluate_zeroshot(test["image_emb"], test["labels"], job.label_names, job.task, class_emb,
                                excluded=unprompted)

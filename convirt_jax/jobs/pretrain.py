@@ -321,10 +321,8 @@ def _pretrained_image(config: ml_collections.ConfigDict):
 
 def validation_loss(eval_step, state, source, tokenizer, config, mesh) -> dict[str, float]:
   """Mean over the validation batches of the contrastive loss terms (whole reports, no augmentation)."""
-  batch_size = features_lib.per_process_batch(config.eval.batch_size, mesh)
   totals, batches = {}, 0
-  for batch in pipeline.eval_batches(source, tokenizer, config, batch_size=batch_size,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count()):
+  for batch in features_lib.Reading.of(config).batches(source, tokenizer, mesh):
     inputs = dict(steps_lib.model_inputs(batch), mask=batch["mask"])
     metrics = parallel.fetch(eval_step(state, parallel.shard_batch(inputs, mesh)))
     for key, value in metrics.items():

@@ -352,7 +352,8 @@ class Finetuner:
 
   def _predict(self, state, split: str) -> tuple[np.ndarray, np.ndarray]:
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return features_lib.predict(self.predict_fn, variables, self.sources[split], self.config, self.mesh)
+    return features_lib.predict(self.predict_fn, variables, self.sources[split],
+                                features_lib.Reading.of(self.config), self.mesh)
 
   def _metric(self, state, split: str) -> float | None:
     return score_predictions(*self._predict(state, split), self.label_names, self.task)["main"]
