@@ -120,10 +120,15 @@ def _describe_abort(signum: int, place: dict | None) -> str:
     return f"the job's process stopped on {name} before it joined the others"
   who = f"process {place['process']} of {place['processes']}"
   if signum == signal.SIGABRT and place["process"] != 0 and not _reachable(place["coordinator"]):
-    return (f"{who}: lost process 0 (the coordinator, {place['coordinator']}): it was killed, crashed or "
-            "preempted, and the JAX runtime stopped this process. Run the same command on every host "
-            "to resume from the last complete checkpoint.")
+    return f"{who}: {_lost_coordinator(place['coordinator'])}"
   return f"{who} stopped on {name} (the JAX runtime's own message is above)."
+
+
+def _lost_coordinator(address: str) -> str:
+  """What a process says when process 0 is gone: the watchdog (its heartbeat store stopped answering)
+  and the supervisor (the JAX runtime aborted the process) may either see it first."""
+  return (f"lost process 0 (the coordinator, {address}): it was killed, crashed or preempted. Run the "
+          "same command on every host to resume from the last complete checkpoint.")
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:
@@ -234,6 +239,8 @@ class _Watchdog(threading.Thread):
     super().__init__(daemon=True, name="convirt_jax-watchdog")
     self.here, self.count, self.timeout = here, count, timeout
     self.client = _client()
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self.coordinator = distributed.global_state.coordinator_address
     self.stopped = threading.Event()
 
   def run(self):
@@ -247,8 +254,7 @@ class _Watchdog(threading.Thread):
       except Exception:  # pylint: disable=broad-except  (the coordinator's store is gone: process 0)
         if self.stopped.is_set() or _client() is None:  # or the program shut jax.distributed down
           return
-        _exit("lost process 0 (the coordinator): it stopped answering; run the same command on every "
-              "host to resume from the last complete checkpoint.", report=False)
+        _exit(_lost_coordinator(self.coordinator), report=False)
       if self.stopped.is_set():
         return
       for other in range(self.count):

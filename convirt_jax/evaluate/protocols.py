@@ -7,8 +7,9 @@ results.json under that name, per method. Its registration declares the job, its
 the shape of its result (which `results.py` validates and renders as the protocol's block of
 results.md) and the module that computes it, with one entry function:
 
-  pretraining  evaluate(embedder, dataset, tokenizer, config, settings, *, plot_dir) -> result, or None
-               when the data set cannot support it
+  pretraining  evaluate(embedder, dataset, tokenizer, settings, *, seed, plot_dir) -> result, or None
+               when the data set cannot support it (`settings`: its config.evals entry; the seed of
+               anything it samples: train.seed)
   transfer     run(job, encoder) -> result, or None when it does not apply to that encoder; a protocol
                that trains may instead have run_all(job) -> bool (False: preempted), which sets
                job.results[...] itself. `job` is the transfer job's state (`jobs/transfer.py`: config,
