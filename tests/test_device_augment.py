@@ -43,13 +43,38 @@ def test_the_resized_crop_is_pillows(box):
   _close(dev.resized_crop(jnp.asarray(padded, jnp.float32), jnp.asarray(box), SIZE), host)
 
 
+@pytest.mark.parametrize("method", ["gather", "tiles"])  # the GPU's and CPU's warp, and the TPU's
 @pytest.mark.parametrize("angle,shift,zoom", [(0.0, (0, 0), 1.0), (17.3, (0, 0), 1.0), (-8.0, (3, -2), 1.1),
                                               (4.5, (-5, 4), 0.9), (90.0, (1, 1), 1.0)])
-def test_the_affine_transform_is_pillows(angle, shift, zoom):
+def test_the_affine_transform_is_pillows(angle, shift, zoom, method):
   image = _image(SIZE, SIZE, 1)
   host = np.asarray(augment.affine(Image.fromarray(image), angle, shift, zoom))
-  _close(dev.affine(jnp.asarray(image, jnp.float32), jnp.float32(angle), jnp.asarray(shift), jnp.float32(zoom)),
-         host)
+  patch = dev.warp_patch(_spec(rotation=abs(angle), scale=(min(zoom, 1.0), 1.1)))
+  _close(dev.affine(jnp.asarray(image, jnp.float32), jnp.float32(angle), jnp.asarray(shift), jnp.float32(zoom),
+                    patch, method=method), host)
+
+
+@pytest.mark.parametrize("size", [224, 50])  # the paper's size, and one the tiles do not divide
+def test_the_tpus_warp_samples_as_the_gathers_do(size):
+  """Over the config's whole ranges (their extremes included), the tiled warp's source blocks hold
+  every sample: it equals the gathers' warp to float rounding, on an image of independent pixels."""
+  spec = augment.TrainAugment.from_config(base_config().augment, size)
+  patch = dev.warp_patch(spec)
+  assert patch < size  # blocks, not the whole image
+  gather = jax.jit(jax.vmap(lambda *a: dev.affine(*a, method="gather")))
+  tiles = jax.jit(jax.vmap(lambda *a: dev.affine(*a, patch=patch, method="tiles")))
+  rng = np.random.default_rng(size)
+  n = 12
+  images = jnp.asarray(rng.integers(0, 256, (n, size, size)), jnp.float32)
+  max_shift = round(spec.translation * size)
+  angle = rng.uniform(-spec.rotation, spec.rotation, n)
+  zoom = rng.uniform(*spec.scale, n)
+  shift = rng.integers(-max_shift, max_shift + 1, (n, 2))
+  angle[:4], zoom[:4] = [spec.rotation, -spec.rotation] * 2, spec.scale[0]  # the widest footprints
+  shift[:4] = [[max_shift, max_shift], [-max_shift, max_shift], [max_shift, -max_shift],
+               [-max_shift, -max_shift]]
+  args = (images, jnp.asarray(angle, jnp.float32), jnp.asarray(shift, jnp.int32), jnp.asarray(zoom, jnp.float32))
+  np.testing.assert_allclose(tiles(*args), gather(*args), atol=1e-4, rtol=0)
 
 
 def test_brightness_and_contrast_are_the_hosts():
