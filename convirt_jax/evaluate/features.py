@@ -50,6 +50,14 @@ def per_process_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return per_device * len(mesh.local_devices)
 
 
+def processes(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """(this process's index, the process count) among the processes `mesh` spans: (0, 1) for a mesh of
+  this process's own devices, whatever the job's process count."""
+  if len(mesh.local_devices) == mesh.devices.size:
+    return 0, 1
+  return jax.process_index(), jax.process_count()
+
+
 @dataclasses.dataclass(frozen=True)
 class Reading:
   """How a split is read to be embedded: the evaluation transform's side, the global batch (rounded up
@@ -65,10 +73,11 @@ class Reading:
 
   def batches(self, source: Sequence[Any], tokenizer, mesh: jax.sharding.Mesh, **kwargs):
     """This process's share of every record of `source` (`pipeline.eval_batches`)."""
+    index, count = processes(mesh)
     return pipeline.eval_batches(source, tokenizer, image_size=self.image_size,
                                  batch_size=per_process_batch(self.batch_size, mesh),
-                                 read_threads=self.read_threads, shard_index=jax.process_index(),
-                                 shard_count=jax.process_count(), **kwargs)
+                                 read_threads=self.read_threads, shard_index=index, shard_count=count,
+                                 **kwargs)
 
 
 def predict(fn: Callable, variables: Any, source: Sequence[Any], reading: Reading,
@@ -79,7 +88,7 @@ def predict(fn: Callable, variables: Any, source: Sequence[Any], reading: Readin
   `classifier_steps.make_predict_fn`); images get the evaluation transform at reading.image_size.
   """
   compute = lambda batch: {"rows": fn(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])}
-  rows = in_order(reading.batches(source, None, mesh), compute, len(source))
+  rows = in_order(reading.batches(source, None, mesh), compute, len(source), mesh)
   return rows["rows"], rows["labels"]
 
 
@@ -95,10 +104,11 @@ def pooled_features(classifier, encoder_variables: Mapping[str, Any], sources: M
 
 
 def in_order(batches, compute: Callable[[dict], dict], n: int,
-             gather: Callable[[Any], np.ndarray] = parallel.gather_rows) -> dict[str, np.ndarray]:
-  """The rows of `compute(batch)` and the batches' labels over every batch of every process, gathered,
-  the padding dropped (batch["mask"]) and in dataset order (batch["index"]): the one way every
-  embedding of a split, of texts or of in-memory arrays is collected."""
+             mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  """The rows of `compute(batch)` and the batches' labels over every batch of every process `mesh`
+  spans, gathered, the padding dropped (batch["mask"]) and in dataset order (batch["index"]): the one
+  way every embedding of a split, of texts or of in-memory arrays is collected."""
+  gather = np.asarray if processes(mesh)[1] == 1 else parallel.gather_rows
   collected = {}
   for batch in batches:
     outputs = dict(compute(batch), **{k: batch[k] for k in ("labels", "index", "mask") if k in batch})
@@ -126,8 +136,8 @@ def array_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
 
 
 class Embedder:
-  """Jitted image/text encoders of one model, with the variables replicated on `mesh`. Rows are
-  gathered over the processes the mesh spans (none but this one for a mesh of its local devices)."""
+  """Jitted image/text encoders of one model, with the variables replicated on `mesh`. Rows are read
+  and gathered over the processes the mesh spans (this one alone for a mesh of its local devices)."""
 
   def __init__(self, model: ConVIRTModel, variables: dict[str, Any], mesh: jax.sharding.Mesh,
                reading: Reading):
@@ -135,7 +145,6 @@ class Embedder:
     self.variables = parallel.replicate({"params": variables["params"],
                                          "batch_stats": variables["batch_stats"]}, mesh)
     self._images, self._texts = jitted_encoders(model)
-    self._gather = (np.asarray if len(mesh.local_devices) == mesh.devices.size else parallel.gather_rows)
 
   def split(self, source: Sequence[Any], tokenizer, *, with_text: bool = True) -> dict[str, np.ndarray]:
     """{"image_features", "image_emb"[, "text_features", "text_emb"], "labels"} for every record, in order."""
@@ -144,10 +153,11 @@ class Embedder:
 
   def texts(self, texts: Sequence[str], tokenizer) -> dict[str, np.ndarray]:
     """{"text_features", "text_emb"} of free texts (every process passes the same list)."""
-    batch_size = per_process_batch(self.reading.batch_size, self.mesh) * jax.process_count()
+    index, count = processes(self.mesh)
+    batch_size = per_process_batch(self.reading.batch_size, self.mesh) * count
     # Every process holds all texts; each feeds its own slice of every batch.
-    local = jax.process_index() * (batch_size // jax.process_count())
-    width = batch_size // jax.process_count()
+    local = index * (batch_size // count)
+    width = batch_size // count
     batches = ({k: v[local:local + width] for k, v in b.items()}
                for b in pipeline.text_batches(texts, tokenizer, batch_size))
     return self._run(batches, len(texts), with_images=False, with_text=True)
@@ -181,7 +191,7 @@ class Embedder:
     return outputs
 
   def _run(self, batches, n, *, with_images: bool, with_text: bool) -> dict[str, np.ndarray]:
-    return in_order(batches, lambda batch: self._compute(batch, with_images, with_text), n, self._gather)
+    return in_order(batches, lambda batch: self._compute(batch, with_images, with_text), n, self.mesh)
 
 
 @functools.lru_cache(maxsize=4)
