@@ -170,18 +170,16 @@ class Embedder:
     n = len(next(iter(inputs.values())))
     if n == 0:
       one = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in inputs.items()}
-      if with_images:
-        shapes = dict(zip(("image_features", "image_emb"),
-                          jax.eval_shape(self._images, self.variables, one["image"])))
-      else:
-        shapes = dict(zip(("text_features", "text_emb"), jax.eval_shape(
-            self._texts, self.variables, one["input_ids"], one["attention_mask"])))
+      shapes = jax.eval_shape(lambda x: self._encode(x, with_images, not with_images), one)
       return {k: np.zeros((0, v.shape[-1]), v.dtype) for k, v in shapes.items()}
     batches = array_batches(inputs, per_process_batch(batch_size, self.mesh))
     return self._run(batches, n, with_images=with_images, with_text=not with_images)
 
   def _compute(self, batch, with_images: bool, with_text: bool) -> dict[str, Any]:
     inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS if k in batch}, self.mesh)
+    return self._encode(inputs, with_images, with_text)
+
+  def _encode(self, inputs, with_images: bool, with_text: bool) -> dict[str, Any]:
     outputs = {}
     if with_images:
       outputs["image_features"], outputs["image_emb"] = self._images(self.variables, inputs["image"])

@@ -216,7 +216,8 @@ def evaluate(embedder: features_lib.Embedder, dataset, tokenizer, settings, *, s
   """The evaluator of `config.evals.retrieval`: Prec@k image->image (pooled features f_v) and
   text->image (projected embeddings), or None when the data set has no retrieval splits or text queries.
 
-  (`seed` is unused: nothing is sampled.) With `plot_dir`, process 0 also writes the top text->image matches of each category's first query.
+  (`seed` is unused: nothing is sampled.) With `plot_dir`, process 0 also writes the top text->image
+  matches of each category's first query.
   """
   splits = dataset.sources
   if not ({"retrieval_candidates", "retrieval_queries"} <= set(splits) and dataset.retrieval_text_queries):
